@@ -1,0 +1,1 @@
+"""One module per subcommand of `shutdown-monitor`; monitor/cli.py assembles them."""
