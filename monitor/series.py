@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Final
 
 COLUMNS: Final = ("time", "country", "scope", "entity", "signal", "value")
-SCOPES: Final = ("country", "asn", "region")
+SCOPES: Final = ("country", "asn", "region", "vantage")
 
 # Signals the daemon produces. External files may carry others (IODA's active_probing, bgp, ...).
 SIGNAL_ICMP_UP: Final = "icmp_blocks_up"
@@ -27,3 +27,8 @@ class SeriesPoint:
     entity: str  # "KZ" for scope country, "9198" for an ASN, a region name
     signal: str
     value: float
+
+# The vantage self-check travels as a series too: scope "vantage", country VANTAGE_COUNTRY,
+# entity the vantage name, signal SIGNAL_VANTAGE_UP = fraction of control targets that answered.
+VANTAGE_COUNTRY: Final = "ZZ"
+SIGNAL_VANTAGE_UP: Final = "vantage_up"
