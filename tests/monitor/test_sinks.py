@@ -52,8 +52,8 @@ class Receiver:
         if self._runner is not None:
             await self._runner.cleanup()
 
-    async def wait_for(self, count: int, timeout: float = 5.0) -> None:
-        deadline = time.monotonic() + timeout
+    async def wait_for(self, count: int, within_s: float = 5.0) -> None:
+        deadline = time.monotonic() + within_s
         while len(self.bodies) < count:
             assert time.monotonic() < deadline, f"only {len(self.bodies)} of {count} bodies"
             await asyncio.sleep(0.01)
@@ -164,7 +164,7 @@ async def test_alertmanager_fires_resends_relabels_and_resolves(alertmanager: Re
     assert alert["startsAt"] == "2022-01-05T10:30:00Z"
     assert alert["endsAt"] > alert["startsAt"]
     # Nothing changes: it is sent again after the resend interval, same labels and start.
-    await alertmanager.wait_for(2, timeout=2.0)
+    await alertmanager.wait_for(2, within_s=2.0)
     assert alertmanager.bodies[1][0]["labels"] == alert["labels"]
     assert alertmanager.bodies[1][0]["startsAt"] == alert["startsAt"]
     # Severity rises: the warning label set is resolved, the critical one fires.
