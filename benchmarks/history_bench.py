@@ -118,9 +118,11 @@ def main() -> None:
                                 signals=["icmp_blocks_up"])
         one_s = time.perf_counter() - t0
         reader.close()
-        print(f"read 30 days of KZ: {len(frame):,} points in median {statistics.median(timings):.3f}s"
-              f" (min {min(timings):.3f}s, max {max(timings):.3f}s)")
-        print(f"read 30 days of one series (KZ icmp_blocks_up): {len(one):,} points in {one_s:.4f}s")
+        print(f"read 30 days of KZ: {len(frame):,} points in median "
+              f"{statistics.median(timings):.3f}s (min {min(timings):.3f}s, "
+              f"max {max(timings):.3f}s)")
+        print(f"read 30 days of one series (KZ icmp_blocks_up): {len(one):,} points "
+              f"in {one_s:.4f}s")
 
 
 if __name__ == "__main__":

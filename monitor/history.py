@@ -498,10 +498,13 @@ def _build_frame(
             continue
         times = np.concatenate(times_list)
         values = np.concatenate(values_list)
-        if hot and len(times_list) > 1 and np.any(np.diff(times) < 0):
-            # A late point (older than the last compaction) still waits in `hot`.
+        if hot and len(times_list) > 1 and np.any(np.diff(times) <= 0):
+            # A late point (older than the last compaction) still waits in `hot`; it may
+            # rewrite a chunk point. Stable sort keeps hot after chunk, and the last one wins.
             order = np.argsort(times, kind="stable")
             times, values = times[order], values[order]
+            last = np.append(times[1:] != times[:-1], True)
+            times, values = times[last], values[last]
         inside = (times >= lo) & (times <= hi)
         if not inside.all():
             times, values = times[inside], values[inside]
