@@ -1,0 +1,800 @@
+"""ICMP echo prober: one socket per address family, tens of thousands of probes in flight.
+
+Design (issue 2): no socket and no task per probe. One sender loop writes echo requests on a
+shared socket per family; one reader callback drains replies and matches them on
+(source address, seq) after checking the echo id; one sweep timer ends overdue probes in bulk
+from a deque ordered by deadline. The targets iterable is consumed lazily, so a million queued
+targets cost only what the caller holds.
+
+Sockets: unprivileged ICMP datagram sockets where `net.ipv4.ping_group_range` admits our group
+(the kernel picks the echo id, which is the socket's local "port", and delivers only replies with
+that id); raw sockets when privileged (we pick the id, filter ICMP types in the kernel and parse
+IP headers ourselves). Parsing is pure functions over bytes: they never raise on bad input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+import struct
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+
+from probes.base import Failure, ProbeResult, ProbeSetupError, ResultSink, Target, blocked_result
+
+if TYPE_CHECKING:
+    from probes.pacing import Pacer
+
+METHOD = "icmp"
+
+ICMP4_ECHO_REPLY = 0
+ICMP4_DEST_UNREACHABLE = 3
+ICMP4_ECHO_REQUEST = 8
+ICMP4_TIME_EXCEEDED = 11
+ICMP6_DEST_UNREACHABLE = 1
+ICMP6_TIME_EXCEEDED = 3
+ICMP6_ECHO_REQUEST = 128
+ICMP6_ECHO_REPLY = 129
+
+# Kinds of parsed message.
+ECHO_REPLY = "echo_reply"
+ERROR = "error"  # destination unreachable / time exceeded quoting one of our echo requests
+UNRELATED = "unrelated"  # any other well-formed ICMP message
+
+# Linux socket options Python does not name.
+_SOL_RAW = 255
+_ICMP_FILTER = 1
+_ICMP6_FILTER = 1
+_IP_RECVERR = 11
+_IPV6_RECVERR = 25
+_SO_RCVBUFFORCE = 33
+_SO_EE_ORIGIN_ICMP = 2
+_SO_EE_ORIGIN_ICMP6 = 3
+
+_ECHO_HEADER = struct.Struct("!BBHHH")
+_EXTENDED_ERR = struct.Struct("=IBBBBII")
+
+# Send this many probes, then yield to the event loop so replies are drained before the socket
+# receive buffer overflows (an overflow would be false loss).
+_SENDS_PER_YIELD = 64
+# Replies handled per reader callback, so a flood cannot starve the sender and the sweep.
+_READS_PER_CALLBACK = 4096
+_RECEIVE_BUFFER_BYTES = 8 << 20
+_MAX_PACKET = 2048
+
+_ENABLE_HINT = (
+    "enable one of: unprivileged ICMP sockets for your group with "
+    "`sysctl -w net.ipv4.ping_group_range=\"0 2147483647\"`, or raw sockets by running as root "
+    "or granting the capability with `setcap cap_net_raw+ep $(readlink -f $(which python3))`"
+)
+
+
+class ParsedIcmp(NamedTuple):
+    """One ICMP message as the prober needs it. `ident`/`seq` are -1 when the message has none.
+
+    For ECHO_REPLY: ident/seq/payload of the reply, `ttl` from the IPv4 header when there was one.
+    For ERROR: ident/seq of OUR quoted echo request and `quoted_dst`, the address it was sent to.
+    """
+
+    kind: str
+    icmp_type: int
+    code: int
+    ident: int
+    seq: int
+    ttl: int | None
+    quoted_dst: str | None
+    payload: bytes
+
+
+def internet_checksum(data: bytes) -> int:
+    """RFC 1071 one's-complement checksum."""
+    if len(data) % 2:
+        data += b"\x00"
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def build_echo(icmp_type: int, ident: int, seq: int, payload: bytes, code: int = 0) -> bytes:
+    """An echo request or reply with a correct checksum (ICMPv6 leaves it to the kernel)."""
+    header = _ECHO_HEADER.pack(icmp_type, code, 0, ident & 0xFFFF, seq & 0xFFFF)
+    if icmp_type in (ICMP6_ECHO_REQUEST, ICMP6_ECHO_REPLY):
+        return header + payload
+    checksum = internet_checksum(header + payload)
+    return _ECHO_HEADER.pack(icmp_type, code, checksum, ident & 0xFFFF, seq & 0xFFFF) + payload
+
+
+def build_ipv4(src: str, dst: str, payload: bytes, ttl: int = 64, protocol: int = 1) -> bytes:
+    """A minimal IPv4 header (no options) in front of `payload`: what a raw socket receives."""
+    header = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45, 0, 20 + len(payload), 0, 0, ttl, protocol, 0,
+        socket.inet_aton(src), socket.inet_aton(dst),
+    )  # fmt: skip
+    checksum = internet_checksum(header)
+    return header[:10] + struct.pack("!H", checksum) + header[12:] + payload
+
+
+def build_ipv6_header(src: str, dst: str, payload_len: int, next_header: int = 58) -> bytes:
+    """A fixed IPv6 header (no extension headers), as quoted inside ICMPv6 errors."""
+    return struct.pack(
+        "!IHBB16s16s",
+        6 << 28, payload_len, next_header, 64,
+        socket.inet_pton(socket.AF_INET6, src), socket.inet_pton(socket.AF_INET6, dst),
+    )  # fmt: skip
+
+
+def build_error4(icmp_type: int, code: int, quoted_ip_packet: bytes) -> bytes:
+    """An ICMPv4 error quoting the start of an IP packet (RFC 792: header + 8 bytes)."""
+    body = struct.pack("!BBHI", icmp_type, code, 0, 0) + quoted_ip_packet
+    checksum = internet_checksum(body)
+    return body[:2] + struct.pack("!H", checksum) + body[4:]
+
+
+def build_error6(icmp_type: int, code: int, quoted_ip_packet: bytes) -> bytes:
+    """An ICMPv6 error (the kernel or the parser does not need the checksum)."""
+    return struct.pack("!BBHI", icmp_type, code, 0, 0) + quoted_ip_packet
+
+
+def _unrelated(icmp_type: int, code: int, ttl: int | None) -> ParsedIcmp:
+    return ParsedIcmp(UNRELATED, icmp_type, code, -1, -1, ttl, None, b"")
+
+
+def parse_icmp4(data: bytes, with_ip_header: bool) -> ParsedIcmp | None:
+    """Parse what an ICMPv4 socket returned: raw sockets include the IPv4 header, datagram
+    sockets do not. None for truncated or garbage input; never raises."""
+    ttl: int | None = None
+    if with_ip_header:
+        if len(data) < 20 or data[0] >> 4 != 4:
+            return None
+        ihl = (data[0] & 0x0F) * 4
+        if ihl < 20 or data[9] != 1 or len(data) < ihl + 8:
+            return None
+        ttl = data[8]
+        data = data[ihl:]
+    elif len(data) < 8:
+        return None
+    icmp_type, code, _checksum, ident, seq = _ECHO_HEADER.unpack_from(data)
+    if icmp_type == ICMP4_ECHO_REPLY:
+        return ParsedIcmp(ECHO_REPLY, icmp_type, code, ident, seq, ttl, None, data[8:])
+    if icmp_type not in (ICMP4_DEST_UNREACHABLE, ICMP4_TIME_EXCEEDED):
+        return _unrelated(icmp_type, code, ttl)
+    quoted = data[8:]
+    if len(quoted) < 20 or quoted[0] >> 4 != 4:
+        return None
+    inner_ihl = (quoted[0] & 0x0F) * 4
+    if inner_ihl < 20 or len(quoted) < inner_ihl + 8:
+        return None
+    if quoted[9] != 1 or quoted[inner_ihl] != ICMP4_ECHO_REQUEST:
+        return _unrelated(icmp_type, code, ttl)
+    _t, _c, _s, q_ident, q_seq = _ECHO_HEADER.unpack_from(quoted, inner_ihl)
+    dst = socket.inet_ntoa(quoted[16:20])
+    return ParsedIcmp(ERROR, icmp_type, code, q_ident, q_seq, ttl, dst, b"")
+
+
+def parse_icmp6(data: bytes) -> ParsedIcmp | None:
+    """Parse an ICMPv6 message (raw and datagram sockets both omit the IPv6 header)."""
+    if len(data) < 8:
+        return None
+    icmp_type, code, _checksum, ident, seq = _ECHO_HEADER.unpack_from(data)
+    if icmp_type == ICMP6_ECHO_REPLY:
+        return ParsedIcmp(ECHO_REPLY, icmp_type, code, ident, seq, None, None, data[8:])
+    if icmp_type not in (ICMP6_DEST_UNREACHABLE, ICMP6_TIME_EXCEEDED):
+        return _unrelated(icmp_type, code, None)
+    quoted = data[8:]
+    if len(quoted) < 48 or quoted[0] >> 4 != 6:
+        return None
+    if quoted[6] != 58 or quoted[40] != ICMP6_ECHO_REQUEST:
+        return _unrelated(icmp_type, code, None)
+    _t, _c, _s, q_ident, q_seq = _ECHO_HEADER.unpack_from(quoted, 40)
+    dst = socket.inet_ntop(socket.AF_INET6, quoted[24:40])
+    return ParsedIcmp(ERROR, icmp_type, code, q_ident, q_seq, None, dst, b"")
+
+
+class ExtendedError(NamedTuple):
+    """A `struct sock_extended_err` from a datagram socket's error queue (IP_RECVERR)."""
+
+    errno: int
+    origin: int
+    icmp_type: int
+    code: int
+    offender: str | None
+
+
+def parse_extended_error(cdata: bytes, v6: bool) -> ExtendedError | None:
+    """Parse IP_RECVERR / IPV6_RECVERR ancillary data; None when too short. Never raises."""
+    if len(cdata) < _EXTENDED_ERR.size:
+        return None
+    err, origin, icmp_type, code, _pad, _info, _data = _EXTENDED_ERR.unpack_from(cdata)
+    offender: str | None = None
+    tail = cdata[_EXTENDED_ERR.size :]
+    if v6 and len(tail) >= 24 and struct.unpack_from("=H", tail)[0] == socket.AF_INET6:
+        offender = socket.inet_ntop(socket.AF_INET6, tail[8:24])
+    elif not v6 and len(tail) >= 8 and struct.unpack_from("=H", tail)[0] == socket.AF_INET:
+        offender = socket.inet_ntoa(tail[4:8])
+    return ExtendedError(err, origin, icmp_type, code, offender)
+
+
+def failure_for_icmp_error(v6: bool, icmp_type: int, code: int) -> Failure:
+    """Map an ICMP error about one of our echoes to a failure name."""
+    if v6:
+        if icmp_type == ICMP6_DEST_UNREACHABLE:
+            # 0 no route, 6 reject route: the network; 1 prohibited, 3 address, 5 policy: the host.
+            return Failure.NETWORK_UNREACHABLE if code in (0, 6) else Failure.HOST_UNREACHABLE
+        return Failure.NETWORK_UNREACHABLE  # time exceeded: a routing loop or a too-long path
+    if icmp_type == ICMP4_DEST_UNREACHABLE:
+        # Codes 0 net, 6 net unknown, 9 net prohibited, 11 net for TOS; the rest name the host.
+        return Failure.NETWORK_UNREACHABLE if code in (0, 6, 9, 11) else Failure.HOST_UNREACHABLE
+    return Failure.NETWORK_UNREACHABLE
+
+
+def failure_for_send_error(err: int) -> Failure:
+    """Map a local sendto() error (the route table refused) to a failure name."""
+    if err == errno.EHOSTUNREACH:
+        return Failure.HOST_UNREACHABLE
+    # ENETUNREACH: no route; EINVAL: a blackhole route; EACCES: a prohibit route.
+    if err in (errno.ENETUNREACH, errno.EINVAL, errno.EACCES):
+        return Failure.NETWORK_UNREACHABLE
+    return Failure.OTHER
+
+
+@dataclass(slots=True)
+class IcmpStats:
+    """Counters for everything the prober sent, matched, ignored or gave up on."""
+
+    sent: int = 0
+    echo_replies: int = 0  # replies matched to a probe in flight
+    timeouts: int = 0
+    unreachable: int = 0  # probes ended by an ICMP error quoting them
+    send_errors: int = 0  # probes ended by a local sendto() error (route table, firewall)
+    blocked: int = 0  # blocklisted targets: nothing sent
+    malformed: int = 0  # truncated or garbage packets
+    wrong_id: int = 0  # echo replies/errors carrying another pinger's echo id
+    wrong_payload: int = 0  # our id and seq, but not the payload we sent
+    unmatched: int = 0  # our id, but (source, seq) fits no probe in flight: wrong address/seq, late
+    duplicates: int = 0  # a second answer for a probe already answered
+    unrelated: int = 0  # other ICMP: errors about traffic that is not ours, other types
+    local_errors: int = 0  # error-queue entries raised locally, not by an ICMP message
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class _Call:
+    """The bookkeeping of one probe_many call: its sink and how many results are still owed."""
+
+    __slots__ = ("active", "done", "error", "fed", "on_result", "outstanding")
+
+    def __init__(self, on_result: ResultSink, done: asyncio.Future[None]) -> None:
+        self.on_result = on_result
+        self.done = done
+        self.outstanding = 0
+        self.fed = False
+        self.active = True
+        self.error: BaseException | None = None
+
+
+class _Pending:
+    """One echo in flight. Answered entries stay until their deadline to recognise duplicates."""
+
+    __slots__ = ("answered", "call", "deadline", "key", "sent_mono", "started_at", "target")
+
+    def __init__(
+        self,
+        key: tuple[str, int],
+        target: Target,
+        call: _Call,
+        started_at: float,
+        sent_mono: float,
+        deadline: float,
+    ) -> None:
+        self.key = key
+        self.target = target
+        self.call = call
+        self.started_at = started_at
+        self.sent_mono = sent_mono
+        self.deadline = deadline
+        self.answered = False
+
+
+class _Endpoint:
+    """The one socket of an address family, with its echo id, seq counter and packet template."""
+
+    def __init__(self, v6: bool, raw: bool, payload: bytes) -> None:
+        family = socket.AF_INET6 if v6 else socket.AF_INET
+        proto = socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP
+        kind = socket.SOCK_RAW if raw else socket.SOCK_DGRAM
+        self.v6 = v6
+        self.raw = raw
+        self.sock = socket.socket(family, kind, proto)
+        try:
+            self._configure(payload)
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def _configure(self, payload: bytes) -> None:
+        sock = self.sock
+        sock.setblocking(False)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, _RECEIVE_BUFFER_BYTES)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RECEIVE_BUFFER_BYTES)
+        if self.raw:
+            # Only echo replies and the errors that may quote our echoes reach user space:
+            # without this a raw socket also reads every echo request the host sends or gets.
+            if self.v6:
+                blocked = [0xFFFFFFFF] * 8
+                for wanted in (ICMP6_ECHO_REPLY, ICMP6_DEST_UNREACHABLE, ICMP6_TIME_EXCEEDED):
+                    blocked[wanted >> 5] &= ~(1 << (wanted & 31))
+                sock.setsockopt(socket.IPPROTO_ICMPV6, _ICMP6_FILTER, struct.pack("=8I", *blocked))
+            else:
+                wanted4 = 0
+                for wanted in (ICMP4_ECHO_REPLY, ICMP4_DEST_UNREACHABLE, ICMP4_TIME_EXCEEDED):
+                    wanted4 |= 1 << wanted
+                sock.setsockopt(_SOL_RAW, _ICMP_FILTER, struct.pack("=I", ~wanted4 & 0xFFFFFFFF))
+            self.ident = (os.getpid() ^ int.from_bytes(os.urandom(2), "big")) & 0xFFFF
+        else:
+            # The kernel assigns the echo id on bind; errors come through the error queue.
+            sock.bind(("::", 0) if self.v6 else ("0.0.0.0", 0))
+            self.ident = sock.getsockname()[1]
+            level = socket.IPPROTO_IPV6 if self.v6 else socket.IPPROTO_IP
+            sock.setsockopt(level, _IPV6_RECVERR if self.v6 else _IP_RECVERR, 1)
+        self.request_type = ICMP6_ECHO_REQUEST if self.v6 else ICMP4_ECHO_REQUEST
+        self.payload = payload
+        # The checksum is a sum over 16-bit words in which only seq changes: precompute the rest.
+        words = build_echo(self.request_type, self.ident, 0, payload)
+        # The one's-complement sum of a packet with seq 0 is the complement of its checksum.
+        self._partial_sum = ~_ECHO_HEADER.unpack_from(words)[2] & 0xFFFF
+        self.seq = int.from_bytes(os.urandom(2), "big")
+
+    def next_packet(self) -> tuple[int, bytes]:
+        seq = self.seq = (self.seq + 1) & 0xFFFF
+        if self.v6:
+            checksum = 0  # the kernel fills the ICMPv6 checksum in
+        else:
+            total = self._partial_sum + seq
+            total = (total & 0xFFFF) + (total >> 16)
+            checksum = ~total & 0xFFFF
+        header = _ECHO_HEADER.pack(self.request_type, 0, checksum, self.ident, seq)
+        return seq, header + self.payload
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class IcmpProber:
+    """ICMP echo ("ping") for many targets at once over one socket per address family.
+
+    `privileged`: True = raw sockets only, False = unprivileged datagram sockets only,
+    None = datagram sockets when `net.ipv4.ping_group_range` allows, else raw sockets.
+    `timeout_s`: how long to wait for an answer. `payload_size`: bytes of echo payload, random
+    per prober and checked on every reply.
+    """
+
+    method: ClassVar[str] = METHOD
+
+    def __init__(
+        self, *, timeout_s: float = 2.0, payload_size: int = 8, privileged: bool | None = None
+    ) -> None:
+        if timeout_s <= 0:
+            raise ProbeSetupError(f"icmp: timeout_s must be positive, got {timeout_s!r}")
+        if not 0 <= payload_size <= 1024:
+            raise ProbeSetupError(f"icmp: payload_size must be 0..1024 bytes, got {payload_size!r}")
+        self.timeout_s = timeout_s
+        self.privileged = privileged
+        self.stats = IcmpStats()
+        self._payload = os.urandom(payload_size)
+        self._endpoints: dict[bool, _Endpoint] = {}
+        self._pending: dict[tuple[str, int], _Pending] = {}
+        self._deadlines: deque[_Pending] = deque()
+        self._sweep_handle: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pacer: Pacer | None = None
+        self._calls: set[_Call] = set()
+        self._closed = False
+
+    # -- public ---------------------------------------------------------------------------
+
+    @property
+    def mode(self) -> dict[str, str]:
+        """Socket kind in use per family: {"ipv4": "datagram" | "raw", ...} (opened lazily)."""
+        return {
+            ("ipv6" if v6 else "ipv4"): ("raw" if ep.raw else "datagram")
+            for v6, ep in self._endpoints.items()
+        }
+
+    def echo_id(self, v6: bool = False) -> int | None:
+        """The echo id our socket of that family uses (the kernel's choice on datagram sockets)."""
+        endpoint = self._endpoints.get(v6)
+        return None if endpoint is None else endpoint.ident
+
+    def open(self, v6: bool = False) -> None:
+        """Open the socket of a family now (probe_many opens them on demand). Raises
+        ProbeSetupError, saying how to enable ICMP, when neither socket kind is permitted."""
+        self._endpoint(v6)
+
+    async def probe_many(
+        self, targets: Iterable[Target], pacer: Pacer, on_result: ResultSink
+    ) -> None:
+        if self._closed:
+            raise ProbeSetupError("icmp: probe_many on a closed prober")
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif self._loop is not loop:
+            raise ProbeSetupError("icmp: a prober belongs to the event loop it was first used on")
+        self._pacer = pacer
+        call = _Call(on_result, loop.create_future())
+        self._calls.add(call)
+        try:
+            await self._feed(targets, pacer, call, loop)
+            call.fed = True
+            if call.outstanding:
+                await call.done
+            if call.error is not None:
+                raise call.error
+        finally:
+            call.active = False
+            self._calls.discard(call)
+
+    async def close(self) -> None:
+        """Close the sockets; probes still in flight are released without a result."""
+        self._closed = True
+        if self._sweep_handle is not None:
+            self._sweep_handle.cancel()
+            self._sweep_handle = None
+        for endpoint in self._endpoints.values():
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(endpoint.sock.fileno())
+            endpoint.close()
+        self._endpoints.clear()
+        pacer = self._pacer
+        for entry in self._pending.values():
+            if not entry.answered and pacer is not None:
+                pacer.release_slot()
+        self._pending.clear()
+        self._deadlines.clear()
+        for call in list(self._calls):
+            if not call.done.done():
+                call.done.set_exception(ProbeSetupError("icmp: prober closed during probe_many"))
+        self._calls.clear()
+
+    # -- sending --------------------------------------------------------------------------
+
+    async def _feed(
+        self, targets: Iterable[Target], pacer: Pacer, call: _Call, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        pending = self._pending
+        deadlines = self._deadlines
+        stats = self.stats
+        timeout = self.timeout_s
+        is_blocked = pacer.is_blocked
+        reserve = pacer.reserve
+        acquire_slot = pacer.acquire_slot
+        monotonic = time.monotonic
+        wall = time.time
+        inet_pton = socket.inet_pton
+        af_inet = socket.AF_INET
+        since_yield = 0
+        for target in targets:
+            if call.error is not None:
+                return
+            address = target.address
+            if is_blocked(address):
+                stats.blocked += 1
+                self._deliver_now(call, blocked_result(target, METHOD, wall()))
+                continue
+            # The reply's source comes back in canonical form; IPv4 literals that inet_pton
+            # accepts already are canonical, IPv6 ones are normalised here.
+            try:
+                inet_pton(af_inet, address)
+                v6 = False
+                key_address = address
+            except OSError:
+                resolved = await self._resolve(address, target, call, loop, pacer)
+                if resolved is None:
+                    continue
+                key_address, v6 = resolved
+            endpoint = self._endpoints.get(v6) or self._endpoint(v6)
+            await acquire_slot()
+            delay = reserve(key_address)
+            if delay > 0:
+                await asyncio.sleep(delay)
+                since_yield = 0
+            seq, packet = endpoint.next_packet()
+            started_at = wall()
+            sent_mono = monotonic()
+            error = await self._send(endpoint, packet, key_address)
+            if error is not None:
+                pacer.release_slot()
+                stats.send_errors += 1
+                self._deliver_now(
+                    call,
+                    ProbeResult(
+                        target, METHOD, False, False, failure_for_send_error(error), None,
+                        started_at, {"errno": errno.errorcode.get(error, str(error))},
+                    ),
+                )  # fmt: skip
+                continue
+            stats.sent += 1
+            key = (key_address, seq)
+            entry = _Pending(key, target, call, started_at, sent_mono, sent_mono + timeout)
+            pending[key] = entry
+            deadlines.append(entry)
+            call.outstanding += 1
+            if self._sweep_handle is None:
+                self._arm_sweep(loop, entry.deadline)
+            since_yield += 1
+            if since_yield >= _SENDS_PER_YIELD:
+                since_yield = 0
+                await asyncio.sleep(0)
+
+    async def _resolve(
+        self,
+        address: str,
+        target: Target,
+        call: _Call,
+        loop: asyncio.AbstractEventLoop,
+        pacer: Pacer,
+    ) -> tuple[str, bool] | None:
+        """IPv6 literal -> canonical form; host name -> its first address. None: result given."""
+        try:
+            packed = socket.inet_pton(socket.AF_INET6, address.split("%", 1)[0])
+            canonical = socket.inet_ntop(socket.AF_INET6, packed)
+            return (canonical if "%" not in address else address), True
+        except OSError:
+            pass
+        started_at = time.time()
+        try:
+            infos = await loop.getaddrinfo(address, None, type=socket.SOCK_DGRAM)
+        except (OSError, UnicodeError) as exc:
+            self._deliver_now(
+                call,
+                ProbeResult(
+                    target, METHOD, False, False, Failure.RESOLVE_ERROR, None, started_at,
+                    {"error": str(exc)},
+                ),
+            )  # fmt: skip
+            return None
+        family, _kind, _proto, _name, sockaddr = infos[0]
+        resolved = str(sockaddr[0])
+        if pacer.is_blocked(resolved):
+            self.stats.blocked += 1
+            self._deliver_now(call, blocked_result(target, METHOD, started_at))
+            return None
+        return resolved, family == socket.AF_INET6
+
+    async def _send(self, endpoint: _Endpoint, packet: bytes, address: str) -> int | None:
+        """Send one echo; returns an errno when the kernel refused it for good."""
+        retried_stale = False
+        for _attempt in range(1000):
+            try:
+                endpoint.sock.sendto(packet, (address, 0))
+                return None
+            except BlockingIOError:
+                await self._writable(endpoint)
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    await asyncio.sleep(0.001)
+                    continue
+                if not endpoint.raw and not retried_stale:
+                    # With IP_RECVERR an ICMP error about an EARLIER probe is reported by the
+                    # next send on the socket; sending again tells a real route error apart.
+                    retried_stale = True
+                    self._drain_error_queue(endpoint)
+                    continue
+                return exc.errno or errno.EIO
+        return errno.ENOBUFS
+
+    async def _writable(self, endpoint: _Endpoint) -> None:
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+        fd = endpoint.sock.fileno()
+
+        def wake() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        loop.add_writer(fd, wake)
+        try:
+            await ready
+        finally:
+            loop.remove_writer(fd)
+
+    def _endpoint(self, v6: bool) -> _Endpoint:
+        endpoint = self._endpoints.get(v6)
+        if endpoint is not None:
+            return endpoint
+        endpoint = self._open_endpoint(v6)
+        loop = self._loop or asyncio.get_running_loop()
+        self._loop = loop
+        loop.add_reader(endpoint.sock.fileno(), self._on_readable, endpoint)
+        self._endpoints[v6] = endpoint
+        return endpoint
+
+    def _open_endpoint(self, v6: bool) -> _Endpoint:
+        kinds = {None: (False, True), False: (False,), True: (True,)}[self.privileged]
+        errors: list[str] = []
+        for raw in kinds:
+            try:
+                return _Endpoint(v6, raw, self._payload)
+            except PermissionError as exc:
+                errors.append(f"{'raw' if raw else 'datagram'} socket: {exc.strerror}")
+            except OSError as exc:
+                if exc.errno in (errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT):
+                    raise ProbeSetupError(
+                        f"icmp: IPv{6 if v6 else 4} is not available on this host ({exc})"
+                    ) from exc
+                errors.append(f"{'raw' if raw else 'datagram'} socket: {exc}")
+        family = "ICMPv6" if v6 else "ICMP"
+        raise ProbeSetupError(
+            f"icmp: cannot open an {family} socket ({'; '.join(errors)}); {_ENABLE_HINT}"
+        )
+
+    # -- receiving ------------------------------------------------------------------------
+
+    def _on_readable(self, endpoint: _Endpoint) -> None:
+        recvfrom = endpoint.sock.recvfrom
+        v6 = endpoint.v6
+        raw = endpoint.raw
+        for _ in range(_READS_PER_CALLBACK):
+            try:
+                data, source = recvfrom(_MAX_PACKET)
+            except BlockingIOError:
+                break
+            except OSError:
+                continue  # a pending socket error (IP_RECVERR); the error queue explains it
+            parsed = parse_icmp6(data) if v6 else parse_icmp4(data, raw)
+            if parsed is None:
+                self.stats.malformed += 1
+            elif parsed.kind == ECHO_REPLY:
+                self._on_reply(endpoint, parsed, source[0])
+            elif parsed.kind == ERROR:
+                self._on_error(endpoint, parsed, source[0])
+            else:
+                self.stats.unrelated += 1
+        if not raw:
+            self._drain_error_queue(endpoint)
+
+    def _on_reply(self, endpoint: _Endpoint, parsed: ParsedIcmp, source: str) -> None:
+        stats = self.stats
+        if parsed.ident != endpoint.ident:
+            stats.wrong_id += 1
+            return
+        entry = self._pending.get((source, parsed.seq))
+        if entry is None:
+            stats.unmatched += 1
+            return
+        if entry.answered:
+            stats.duplicates += 1
+            return
+        if parsed.payload != endpoint.payload:
+            stats.wrong_payload += 1
+            return
+        rtt = time.monotonic() - entry.sent_mono
+        stats.echo_replies += 1
+        details: dict[str, Any] = {} if parsed.ttl is None else {"ttl": parsed.ttl}
+        self._finish(
+            entry,
+            ProbeResult(entry.target, METHOD, True, True, None, rtt, entry.started_at, details),
+        )
+
+    def _on_error(self, endpoint: _Endpoint, parsed: ParsedIcmp, reporter: str | None) -> None:
+        stats = self.stats
+        if parsed.ident != endpoint.ident:
+            stats.wrong_id += 1
+            return
+        entry = self._pending.get((parsed.quoted_dst or "", parsed.seq))
+        if entry is None:
+            stats.unrelated += 1
+            return
+        if entry.answered:
+            stats.duplicates += 1
+            return
+        stats.unreachable += 1
+        details: dict[str, Any] = {"icmp_type": parsed.icmp_type, "icmp_code": parsed.code}
+        if reporter is not None:
+            details["reported_by"] = reporter
+        failure = failure_for_icmp_error(endpoint.v6, parsed.icmp_type, parsed.code)
+        self._finish(
+            entry, ProbeResult(entry.target, METHOD, False, False, failure, None, entry.started_at,
+                               details)
+        )  # fmt: skip
+
+    def _drain_error_queue(self, endpoint: _Endpoint) -> None:
+        """Read ICMP errors a datagram socket queued (IP_RECVERR): the data is our own echo
+        request as sent, the address is where it went."""
+        v6 = endpoint.v6
+        level = socket.IPPROTO_IPV6 if v6 else socket.IPPROTO_IP
+        kind = _IPV6_RECVERR if v6 else _IP_RECVERR
+        for _ in range(_READS_PER_CALLBACK):
+            try:
+                data, ancdata, _flags, address = endpoint.sock.recvmsg(
+                    _MAX_PACKET, 512, socket.MSG_ERRQUEUE
+                )
+            except OSError:
+                return
+            extended = next(
+                (
+                    parse_extended_error(cdata, v6)
+                    for cmsg_level, cmsg_type, cdata in ancdata
+                    if cmsg_level == level and cmsg_type == kind
+                ),
+                None,
+            )
+            if extended is None:
+                self.stats.malformed += 1
+                continue
+            if extended.origin not in (_SO_EE_ORIGIN_ICMP, _SO_EE_ORIGIN_ICMP6):
+                self.stats.local_errors += 1
+                continue
+            if len(data) < 8 or not address:
+                self.stats.malformed += 1
+                continue
+            _t, _c, _s, ident, seq = _ECHO_HEADER.unpack_from(data)
+            destination = address[0]
+            parsed = ParsedIcmp(
+                ERROR, extended.icmp_type, extended.code, ident, seq, None, destination, b""
+            )
+            self._on_error(endpoint, parsed, extended.offender)
+
+    # -- completion -----------------------------------------------------------------------
+
+    def _finish(self, entry: _Pending, result: ProbeResult) -> None:
+        """Hand over the result of a probe in flight; the entry stays until its deadline."""
+        entry.answered = True
+        pacer = self._pacer
+        if pacer is not None:
+            pacer.release_slot()
+        call = entry.call
+        call.outstanding -= 1
+        self._hand_over(call, result)
+        if call.outstanding == 0 and call.fed and not call.done.done():
+            call.done.set_result(None)
+
+    def _deliver_now(self, call: _Call, result: ProbeResult) -> None:
+        """A result known without waiting for the network (blocked, send error)."""
+        self._hand_over(call, result)
+
+    def _hand_over(self, call: _Call, result: ProbeResult) -> None:
+        if not call.active or call.error is not None:
+            return
+        try:
+            call.on_result(result)
+        except Exception as exc:  # the caller's sink failed: stop this call, report it there
+            call.error = exc
+            if not call.done.done():
+                call.done.set_result(None)
+
+    def _arm_sweep(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        # Sweep at the head's deadline, but not more often than 20 times per timeout.
+        when = max(when, time.monotonic() + self.timeout_s / 20)
+        self._sweep_handle = loop.call_at(when, self._sweep, loop)
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        """End every probe whose deadline passed; drop answered entries whose deadline passed."""
+        self._sweep_handle = None
+        now = time.monotonic()
+        deadlines = self._deadlines
+        pending = self._pending
+        stats = self.stats
+        while deadlines and deadlines[0].deadline <= now:
+            entry = deadlines.popleft()
+            if pending.get(entry.key) is entry:
+                del pending[entry.key]
+            if not entry.answered:
+                stats.timeouts += 1
+                self._finish(
+                    entry,
+                    ProbeResult(entry.target, METHOD, False, False, Failure.TIMEOUT, None,
+                                entry.started_at),
+                )  # fmt: skip
+        if deadlines:
+            self._arm_sweep(loop, deadlines[0].deadline)
