@@ -29,8 +29,8 @@ class StatusSource(Protocol):
         """(healthy, why): healthy while rounds keep completing."""
         ...
 
-    def metrics(self) -> tuple[bytes, str]:
-        """The Prometheus exposition and its content type."""
+    def exposition(self) -> tuple[bytes, str]:
+        """The Prometheus exposition (/metrics) and its content type."""
         ...
 
 
@@ -44,7 +44,7 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 def make_app(source: StatusSource) -> web.Application:
     async def metrics(_request: web.Request) -> web.Response:
-        body, content_type = source.metrics()
+        body, content_type = source.exposition()
         # content_type carries parameters (version, charset): pass it as a raw header.
         return web.Response(body=body, headers={"Content-Type": content_type})
 
