@@ -266,6 +266,32 @@ class IcmpStats:
         return asdict(self)
 
 
+class EchoTemplate:
+    """Echo requests that differ only in seq, built without summing the payload every time."""
+
+    __slots__ = ("_partial_sum", "ident", "payload", "request_type", "v6")
+
+    def __init__(self, v6: bool, ident: int, payload: bytes) -> None:
+        self.v6 = v6
+        self.ident = ident & 0xFFFF
+        self.payload = payload
+        self.request_type = ICMP6_ECHO_REQUEST if v6 else ICMP4_ECHO_REQUEST
+        # The checksum is a one's-complement sum in which only seq changes; the sum of the
+        # packet with seq 0 is the complement of that packet's checksum.
+        seq0 = build_echo(self.request_type, self.ident, 0, payload)
+        self._partial_sum = ~_ECHO_HEADER.unpack_from(seq0)[2] & 0xFFFF
+
+    def packet(self, seq: int) -> bytes:
+        if self.v6:
+            checksum = 0  # the kernel fills the ICMPv6 checksum in
+        else:
+            total = self._partial_sum + seq
+            total = (total & 0xFFFF) + (total >> 16)
+            checksum = ~total & 0xFFFF
+        header = _ECHO_HEADER.pack(self.request_type, 0, checksum, self.ident, seq)
+        return header + self.payload
+
+
 class _Call:
     """The bookkeeping of one probe_many call: its sink and how many results are still owed."""
 
@@ -346,24 +372,13 @@ class _Endpoint:
             self.ident = sock.getsockname()[1]
             level = socket.IPPROTO_IPV6 if self.v6 else socket.IPPROTO_IP
             sock.setsockopt(level, _IPV6_RECVERR if self.v6 else _IP_RECVERR, 1)
-        self.request_type = ICMP6_ECHO_REQUEST if self.v6 else ICMP4_ECHO_REQUEST
         self.payload = payload
-        # The checksum is a sum over 16-bit words in which only seq changes: precompute the rest.
-        words = build_echo(self.request_type, self.ident, 0, payload)
-        # The one's-complement sum of a packet with seq 0 is the complement of its checksum.
-        self._partial_sum = ~_ECHO_HEADER.unpack_from(words)[2] & 0xFFFF
+        self.template = EchoTemplate(self.v6, self.ident, payload)
         self.seq = int.from_bytes(os.urandom(2), "big")
 
     def next_packet(self) -> tuple[int, bytes]:
         seq = self.seq = (self.seq + 1) & 0xFFFF
-        if self.v6:
-            checksum = 0  # the kernel fills the ICMPv6 checksum in
-        else:
-            total = self._partial_sum + seq
-            total = (total & 0xFFFF) + (total >> 16)
-            checksum = ~total & 0xFFFF
-        header = _ECHO_HEADER.pack(self.request_type, 0, checksum, self.ident, seq)
-        return seq, header + self.payload
+        return seq, self.template.packet(seq)
 
     def close(self) -> None:
         self.sock.close()
@@ -672,11 +687,11 @@ class IcmpProber:
         if entry is None:
             stats.unmatched += 1
             return
-        if entry.answered:
-            stats.duplicates += 1
-            return
         if parsed.payload != endpoint.payload:
             stats.wrong_payload += 1
+            return
+        if entry.answered:
+            stats.duplicates += 1
             return
         rtt = time.monotonic() - entry.sent_mono
         stats.echo_replies += 1
