@@ -141,7 +141,13 @@ class DnsProber:
             server = (await resolve_host(target.address, port, self.timeout_s))[0]
         except (OSError, TimeoutError) as exc:
             return ProbeResult(
-                target, self.method, False, False, Failure.RESOLVE_ERROR, None, started_at,
+                target,
+                self.method,
+                False,
+                False,
+                Failure.RESOLVE_ERROR,
+                None,
+                started_at,
                 {"error": str(exc) or type(exc).__name__},
             )
         request = dns.message.make_query(query.name, query.rdtype)

@@ -9,6 +9,7 @@ through a resolver that drops blocklisted addresses) and paced like a new probe.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import socket
 import ssl
 import time
@@ -29,8 +30,12 @@ from probes.pool import run_pool
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 DEFAULT_EXPECTED_STATUS = range(200, 400)
 _TARGET_ANSWERED = frozenset(
-    {Failure.CONNECTION_REFUSED, Failure.CONNECTION_RESET, Failure.TLS_ERROR,
-     Failure.HTTP_BAD_RESPONSE}
+    {
+        Failure.CONNECTION_REFUSED,
+        Failure.CONNECTION_RESET,
+        Failure.TLS_ERROR,
+        Failure.HTTP_BAD_RESPONSE,
+    }
 )
 
 
@@ -47,17 +52,23 @@ def _has_contact_url(text: str) -> bool:
     return "http://" in text or "https://" in text
 
 
-class _TimedSSLObject(ssl.SSLObject):
-    """An SSLObject that notes when the handshake began (TCP connected) and when it finished."""
+# The current probe's phase stamps. asyncio runs the TLS handshake in callbacks that inherit
+# the context of the task that opened the connection, so the SSLObject below finds them here.
+_STAMPS: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar(
+    "shutdown_monitor_http_stamps", default=None
+)
 
-    handshake_started: float | None = None
-    handshake_done: float | None = None
+
+class _TimedSSLObject(ssl.SSLObject):
+    """An SSLObject that stamps when the handshake began (TCP connected) and when it finished."""
 
     def do_handshake(self) -> None:
-        if self.handshake_started is None:
-            self.handshake_started = time.perf_counter()
+        stamps = _STAMPS.get()
+        if stamps is not None:
+            stamps.setdefault("tls_start", time.perf_counter())
         super().do_handshake()
-        self.handshake_done = time.perf_counter()
+        if stamps is not None:
+            stamps["tls_done"] = time.perf_counter()
 
 
 class BlockedAddressError(OSError):
@@ -75,9 +86,7 @@ class _BlocklistResolver(AbstractResolver):
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
         results = await self._inner.resolve(host, port, family)
-        allowed = [
-            r for r in results if not any(b.contains(r["host"]) for b in self._blocklists)
-        ]
+        allowed = [r for r in results if not any(b.contains(r["host"]) for b in self._blocklists)]
         if not allowed:
             raise BlockedAddressError(f"{host}: every address is in the blocklist")
         return allowed
@@ -104,14 +113,14 @@ def _trace_config() -> aiohttp.TraceConfig:
     return config
 
 
-def phase_timings(stamps: dict[str, float], ssl_object: object, start: float) -> dict[str, float]:
+def phase_timings(stamps: dict[str, float]) -> dict[str, float]:
     """Seconds spent in dns, connect (TCP), tls, ttfb (request sent to response headers)."""
     phases: dict[str, float] = {}
     if "dns_start" in stamps and "dns_end" in stamps:
         phases["dns_s"] = stamps["dns_end"] - stamps["dns_start"]
     connect_from = stamps.get("dns_end", stamps.get("connect_start"))
-    tls_start = getattr(ssl_object, "handshake_started", None)
-    tls_done = getattr(ssl_object, "handshake_done", None)
+    tls_start = stamps.get("tls_start")
+    tls_done = stamps.get("tls_done")
     connected = tls_start if tls_start is not None else stamps.get("connect_end")
     if connect_from is not None and connected is not None:
         phases["connect_s"] = connected - connect_from
@@ -215,6 +224,7 @@ class HttpProber:
         url = URL(target.url) if target.url else _url_for_address(target)
         details: dict[str, Any] = {"url": str(url)}
         stamps: dict[str, float] = {}
+        _STAMPS.set(stamps)
         try:
             async with asyncio.timeout(self.timeout_s):
                 return await self._fetch(session, target, url, pacer, started_at, details, stamps)
@@ -249,12 +259,12 @@ class HttpProber:
         if error:
             details["error"] = error
         details["total_s"] = round(elapsed, 6)
-        rtt = _first_answer_s(stamps, start) if connected else (
-            round(elapsed, 6) if reachable else None
+        rtt = (
+            _first_answer_s(stamps, start)
+            if connected
+            else (round(elapsed, 6) if reachable else None)
         )
-        return ProbeResult(
-            target, self.method, reachable, False, failure, rtt, started_at, details
-        )
+        return ProbeResult(target, self.method, reachable, False, failure, rtt, started_at, details)
 
     async def _fetch(
         self,
@@ -282,8 +292,6 @@ class HttpProber:
                 url, allow_redirects=False, trace_request_ctx=stamps
             ) as response:
                 stamps["headers_received"] = time.perf_counter()
-                transport = response.connection.transport if response.connection else None
-                ssl_object = transport.get_extra_info("ssl_object") if transport else None
                 status = response.status
                 location = response.headers.get("Location")
                 follow = (
@@ -298,7 +306,7 @@ class HttpProber:
                     if next_url.scheme in ("http", "https"):
                         url = next_url
                         continue
-                details.update(phase_timings(stamps, ssl_object, start))
+                details.update(phase_timings(stamps))
                 details["status"] = status
                 if location is not None:
                     details["location"] = location
@@ -309,8 +317,14 @@ class HttpProber:
                 if status not in self.expected_status:
                     details["total_s"] = round(time.perf_counter() - start, 6)
                     return ProbeResult(
-                        target, self.method, True, False, Failure.HTTP_STATUS, rtt,
-                        started_at, details,
+                        target,
+                        self.method,
+                        True,
+                        False,
+                        Failure.HTTP_STATUS,
+                        rtt,
+                        started_at,
+                        details,
                     )
                 too_large = await self._read_capped(response, details)
                 details["total_s"] = round(time.perf_counter() - start, 6)

@@ -47,9 +47,7 @@ async def resolve_host(host: str, port: int, timeout_s: float) -> list[str]:
     if address_key(host) is not None:
         return [host]
     loop = asyncio.get_running_loop()
-    infos = await asyncio.wait_for(
-        loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout_s
-    )
+    infos = await asyncio.wait_for(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout_s)
     addresses: list[str] = []
     for _family, _type, _proto, _canon, sockaddr in infos:
         address = str(sockaddr[0])

@@ -59,7 +59,13 @@ class TcpProber:
             addresses = await resolve_host(target.address, ports[0], self.timeout_s)
         except (OSError, TimeoutError) as exc:
             return ProbeResult(
-                target, self.method, False, False, Failure.RESOLVE_ERROR, None, started_at,
+                target,
+                self.method,
+                False,
+                False,
+                Failure.RESOLVE_ERROR,
+                None,
+                started_at,
                 {"error": str(exc) or type(exc).__name__},
             )
         address = addresses[0]
@@ -95,8 +101,14 @@ class TcpProber:
                 target, self.method, True, failure is None, failure, rtt, started_at, details
             )
         return ProbeResult(
-            target, self.method, False, False, first_failure or Failure.OTHER, None,
-            started_at, details,
+            target,
+            self.method,
+            False,
+            False,
+            first_failure or Failure.OTHER,
+            None,
+            started_at,
+            details,
         )
 
     async def _connect(self, address: str, port: int) -> tuple[Failure | None, float, str | None]:

@@ -183,9 +183,9 @@ async def http_app(
     """An aiohttp web app on port 0 (plain or TLS); yields the port."""
     app = web.Application()
     app.add_routes(routes)
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
     await runner.setup()
-    site = web.TCPSite(runner, host, 0, ssl_context=ssl_context, shutdown_timeout=0.1)
+    site = web.TCPSite(runner, host, 0, ssl_context=ssl_context)
     await site.start()
     server = site._server
     assert isinstance(server, asyncio.Server)
