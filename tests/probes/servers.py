@@ -32,12 +32,15 @@ from cryptography.x509.oid import NameOID
 @dataclass
 class DnsBehaviour:
     """How the responder answers one name. `kind`: answer | rcode | garbage | silent | truncate
-    | wrong_id."""
+    | wrong_id | mangled."""
 
     kind: str = "answer"
     answers: list[str] = field(default_factory=list)
     rcode: dns.rcode.Rcode = dns.rcode.NOERROR
     ttl: int = 300
+    payload: bytes = b"\x12\x34 this is not a DNS message"
+    cut: int | None = None  # "mangled": keep this many bytes of the real answer...
+    mask: bytes = b""  # ...after XOR-ing these bytes into it from offset 2 (the ID stays right)
 
 
 class DnsResponder:
@@ -63,7 +66,7 @@ class DnsResponder:
         if behaviour.kind == "silent":
             return None
         if behaviour.kind == "garbage":
-            return b"\x12\x34 this is not a DNS message"
+            return behaviour.payload
         if behaviour.kind == "rcode":
             response.set_rcode(behaviour.rcode)
             return response.to_wire()
@@ -79,7 +82,13 @@ class DnsResponder:
                     name, behaviour.ttl, "IN", dns.rdatatype.to_text(rdtype), behaviour.answers
                 )
             )
-        return response.to_wire()
+        wire = response.to_wire()
+        if behaviour.kind == "mangled":
+            body = bytearray(wire)
+            for i, byte in enumerate(behaviour.mask[: max(0, len(body) - 2)]):
+                body[2 + i] ^= byte
+            wire = bytes(body[: behaviour.cut])
+        return wire
 
     async def __aenter__(self) -> DnsResponder:
         loop = asyncio.get_running_loop()
