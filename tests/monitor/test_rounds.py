@@ -1,0 +1,218 @@
+"""Rounds against real probers inside a network namespace the test makes.
+
+The namespace answers for 10.80.0.0/22 and 10.80.4.0/24 by AnyIP (`ip route add local ... dev
+lo`); nft drops what a scenario says is down. No packet leaves the namespace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from monitor.asn import load_asn_table
+from monitor.hitlist import Hitlist
+from monitor.rounds import RoundOutcome, RoundSettings, TargetCount, percentile, run_round
+from monitor.targets import Endpoint, Universe, build_country, parse_block
+from probes.base import Prober, Target
+from probes.icmp import IcmpProber
+from probes.pacing import Blocklist, Pacer, PacingPolicy
+from probes.tcp import TcpProber
+from tests.netns import Netns, needs_root, run_in_netns
+
+FIXTURES = Path(__file__).parent.parent / "fixtures"
+NOW = datetime(2022, 1, 5, 10, 30, tzinfo=UTC)
+# Only the lab range may be probed here: anything else is refused before a packet is sent.
+LAB = ipaddress.ip_network("10.80.0.0/21")
+
+
+def lab_pacer() -> Pacer:
+    everything_else = [n for n in ipaddress.ip_network("0.0.0.0/0").address_exclude(LAB)]
+    policy = PacingPolicy(rate_pps=20000, max_in_flight=256, per_block_pps=None)
+    # 127.0.0.1 is the control target: let it through too.
+    allowed = ipaddress.ip_network("127.0.0.1/32")
+    blocked = [piece for n in everything_else for piece in _minus(n, allowed)]
+    return Pacer(policy, Blocklist([*blocked, ipaddress.ip_network("10.80.5.0/24")]))
+
+
+def _minus(
+    net: ipaddress.IPv4Network, hole: ipaddress.IPv4Network
+) -> Iterator[ipaddress.IPv4Network]:
+    if net.overlaps(hole):
+        yield from net.address_exclude(hole)
+    else:
+        yield net
+
+
+@pytest.fixture
+def lab() -> Iterator[Netns]:
+    with Netns("smr") as ns:
+        ns.exec("ip", "route", "add", "local", "10.80.0.0/22", "dev", "lo")
+        ns.exec("ip", "route", "add", "local", "10.80.4.0/24", "dev", "lo")
+        ns.exec("nft", "add table inet lab")
+        # Dropped on input: the probes leave, no answer ever comes (a timeout, as in the wild).
+        ns.exec("nft", "add chain inet lab in { type filter hook input priority 0 ; }")
+        # Block 10.80.3.0/24 is down; of 10.80.1.0/24 only the preferred address is lost.
+        ns.exec("nft", "add rule inet lab in ip daddr 10.80.3.0/24 drop")
+        ns.exec("nft", "add rule inet lab in ip daddr 10.80.1.1 drop")
+        yield ns
+
+
+def lab_universe() -> Universe:
+    table = load_asn_table(FIXTURES / "asn_lab.ip2asn.tsv")
+    endpoints = [
+        Endpoint("KZ", "tcp", Target("10.80.0.9", port=9)),  # refused: the host is up
+        Endpoint("KZ", "tcp", Target("10.80.3.9", port=80)),  # dropped: down
+    ]
+    endpoints = [Endpoint(e.country, e.method, e.target, table.lookup_str(e.target.address))
+                 for e in endpoints]
+    country = build_country(
+        "KZ",
+        [LAB],
+        blocklist=Blocklist.from_cidrs(["10.80.5.0/24"]),
+        asn_table=table,
+        endpoints=endpoints,
+        methods=("icmp", "tcp"),
+    )
+    control = (
+        Endpoint("ZZ", "icmp", Target("127.0.0.1")),
+        Endpoint("ZZ", "icmp", Target("10.80.3.1")),
+    )
+    return Universe((country,), control, min_control_up_fraction=0.5)
+
+
+def seeded_hitlist() -> Hitlist:
+    hitlist = Hitlist()
+    for block in ("10.80.0.0/24", "10.80.1.0/24", "10.80.2.0/24", "10.80.3.0/24"):
+        for octet in (1, 254):
+            hitlist.record(parse_block(block), octet, answered=True)
+    return hitlist
+
+
+def value(outcome: RoundOutcome, scope: str, entity: str, signal: str) -> float:
+    found = [p.value for p in outcome.points
+             if p.scope == scope and p.entity == entity and p.signal == signal]
+    assert len(found) == 1, (scope, entity, signal, found)
+    return found[0]
+
+
+async def two_rounds(hitlist: Hitlist) -> tuple[RoundOutcome, RoundOutcome]:
+    probers: dict[str, Prober] = {"icmp": IcmpProber(timeout_s=0.5),
+                                  "tcp": TcpProber(ports=(80,), timeout_s=0.5)}
+    pacer = lab_pacer()
+    settings = RoundSettings(reprobes=2, discovery_per_round=2, discovery_budget=4)
+    universe = lab_universe()
+    try:
+        first = await run_round(universe, probers, pacer, NOW, hitlists={"KZ": hitlist},
+                                vantage="lab", settings=settings)
+        second = await run_round(universe, probers, pacer, NOW, hitlists={"KZ": hitlist},
+                                 vantage="lab", settings=settings)
+    finally:
+        for prober in probers.values():
+            await prober.close()
+    return first, second
+
+
+@needs_root
+def test_round_says_exactly_which_blocks_are_up(lab: Netns) -> None:
+    hitlist = seeded_hitlist()
+    first, second = run_in_netns(lab, lambda: two_rounds(hitlist))
+
+    # Known blocks 0..3: block 3 is dropped; block 1 lost its .1 but answered on .254.
+    assert value(first, "country", "KZ", "icmp_blocks_total") == 4
+    assert value(first, "country", "KZ", "icmp_blocks_up") == 3
+    assert value(first, "asn", "9198", "icmp_blocks_up") == 2
+    assert value(first, "asn", "9198", "icmp_blocks_total") == 2
+    assert value(first, "asn", "29355", "icmp_blocks_up") == 1
+    assert value(first, "asn", "29355", "icmp_blocks_total") == 2
+    assert hitlist.responsive(parse_block("10.80.1.0")) == [254, 1]  # .254 is preferred now
+
+    # Block 4 answered discovery in round 1: counted (and up) from round 2 on, unattributed.
+    assert hitlist.responsive(parse_block("10.80.4.0")) == [1, 254]
+    assert value(second, "country", "KZ", "icmp_blocks_total") == 5
+    assert value(second, "country", "KZ", "icmp_blocks_up") == 4
+    assert TargetCount("KZ", None, "icmp", 1, 1) in second.counts
+    # Blocks 6 and 7 never answered: not counted, 2 candidates tried per round each, then the
+    # budget of 4 is spent. Block 5 is blocklisted: not even in the universe.
+    for silent in ("10.80.6.0", "10.80.7.0"):
+        assert hitlist.tried(parse_block(silent)) == 4
+        assert not hitlist.is_known(parse_block(silent))
+    assert hitlist.tried(parse_block("10.80.5.0")) == 0
+
+    # Named endpoints: a refused port proves the host is up; the dropped one is down.
+    assert value(first, "country", "KZ", "tcp_total") == 2
+    assert value(first, "country", "KZ", "tcp_up") == 1
+    # Control: 127.0.0.1 answers, 10.80.3.1 does not: half, which is enough.
+    assert (first.control_total, first.control_up, first.vantage_up) == (2, 1, True)
+    assert value(first, "vantage", "lab", "vantage_up") == 0.5
+    assert all(p.time == NOW for p in first.points)
+    assert value(first, "country", "KZ", "rtt_p50_seconds") > 0
+    # Round 1 ICMP: 3 known blocks + 2 discovery answers + 127.0.0.1 answered; 10.80.1.1,
+    # block 3 (3 tries) and the control 10.80.3.1 (3 tries) were dropped: timeouts; blocks 6
+    # and 7 have no route. TCP: the refused host once, the dropped one 3 times.
+    assert first.probes == {
+        ("icmp", "success"): 6, ("icmp", "timeout"): 7, ("icmp", "network_unreachable"): 4,
+        ("tcp", "connection_refused"): 1, ("tcp", "timeout"): 3,
+    }
+    assert first.rtts[("KZ", "icmp")]
+
+
+@needs_root
+def test_without_reprobes_a_single_lost_packet_counts_as_down(lab: Netns) -> None:
+    async def one_round() -> RoundOutcome:
+        prober = IcmpProber(timeout_s=0.5)
+        try:
+            return await run_round(lab_universe(), {"icmp": prober}, lab_pacer(), NOW,
+                                   hitlists={"KZ": seeded_hitlist()},
+                                   settings=RoundSettings(reprobes=0, discovery_per_round=0))
+        finally:
+            await prober.close()
+
+    outcome = run_in_netns(lab, one_round)
+    assert value(outcome, "country", "KZ", "icmp_blocks_up") == 2  # block 1 and block 3 down
+    assert value(outcome, "asn", "9198", "icmp_blocks_up") == 1
+
+
+@needs_root
+def test_cancelling_a_round_stops_it_promptly(lab: Netns) -> None:
+    async def cancelled_round() -> tuple[bool, float]:
+        prober = IcmpProber(timeout_s=30.0)  # would take 30 s per stage if not cancelled
+        loop = asyncio.get_running_loop()
+        hitlist = Hitlist()
+        hitlist.record(parse_block("10.80.3.0"), 1, answered=True)
+        task = asyncio.ensure_future(run_round(
+            lab_universe(), {"icmp": prober}, lab_pacer(), NOW, hitlists={"KZ": hitlist}))
+        await asyncio.sleep(0.3)
+        started = loop.time()
+        task.cancel()
+        try:
+            await asyncio.wait_for(task, 10)
+            cancelled = False
+        except asyncio.CancelledError:
+            cancelled = True
+        finally:
+            await prober.close()
+        return cancelled, loop.time() - started
+
+    cancelled, took = run_in_netns(lab, cancelled_round)
+    assert cancelled
+    assert took < 5.0  # not the 30 s the probe timeout would have taken
+
+
+async def test_missing_probers_and_empty_hitlists_give_an_honest_empty_round() -> None:
+    # No prober at all: nothing is sent (no network), nothing is claimed.
+    outcome = await run_round(lab_universe(), {}, lab_pacer(), NOW, hitlists={})
+    assert outcome.points == []
+    assert outcome.counts == []
+    assert (outcome.control_total, outcome.vantage_up) == (0, True)
+
+
+def test_percentile_is_nearest_rank() -> None:
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.0
+    assert percentile([float(i) for i in range(1, 11)], 90) == 9.0
+    assert percentile([5.0], 90) == 5.0
