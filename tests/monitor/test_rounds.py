@@ -27,16 +27,21 @@ from tests.netns import Netns, needs_root, run_in_netns
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 NOW = datetime(2022, 1, 5, 10, 30, tzinfo=UTC)
 # Only the lab range may be probed here: anything else is refused before a packet is sent.
-LAB = ipaddress.ip_network("10.80.0.0/21")
+LAB = ipaddress.IPv4Network("10.80.0.0/21")
+CONTROL_OK = ipaddress.IPv4Network("127.0.0.1/32")
 
 
 def lab_pacer() -> Pacer:
-    everything_else = [n for n in ipaddress.ip_network("0.0.0.0/0").address_exclude(LAB)]
+    """A test blocklist: everything but the lab range and 127.0.0.1 (plus 10.80.5.0/24)."""
+    everything = ipaddress.IPv4Network("0.0.0.0/0")
+    blocked = [
+        piece
+        for outside in everything.address_exclude(LAB)
+        for piece in _minus(outside, CONTROL_OK)
+    ]
     policy = PacingPolicy(rate_pps=20000, max_in_flight=256, per_block_pps=None)
-    # 127.0.0.1 is the control target: let it through too.
-    allowed = ipaddress.ip_network("127.0.0.1/32")
-    blocked = [piece for n in everything_else for piece in _minus(n, allowed)]
-    return Pacer(policy, Blocklist([*blocked, ipaddress.ip_network("10.80.5.0/24")]))
+    v6: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = [ipaddress.IPv6Network("::/0")]
+    return Pacer(policy, Blocklist([*blocked, ipaddress.IPv4Network("10.80.5.0/24"), *v6]))
 
 
 def _minus(
