@@ -19,12 +19,15 @@ import csv
 import io
 import logging
 import os
-from collections.abc import Iterator
+import socket
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Final, TextIO
 
 from monitor.errors import InputError
 from monitor.targets import address_of, block_network, candidate_octets, parse_block
+from probes.base import Failure, Prober, ProbeResult, Target
+from probes.pacing import Pacer
 
 log = logging.getLogger(__name__)
 
@@ -198,3 +201,80 @@ class Hitlist:
             octets.remove(octet)
             if not octets:
                 del self._responsive[block]
+
+
+# ---------------------------------------------------------------- discovery
+
+
+def discovery_done(hitlist: Hitlist, block: int, budget: int, want: int) -> bool:
+    """A block needs no more discovery: `want` responsive addresses, or its budget is spent."""
+    return len(hitlist.responsive(block)) >= want or hitlist.tried(block) >= budget
+
+
+async def discover(
+    blocks: Sequence[int],
+    hitlist: Hitlist,
+    prober: Prober,
+    pacer: Pacer,
+    *,
+    budget: int = 24,
+    per_wave: int = 4,
+    want: int = 2,
+    on_block_done: Callable[[int], None] | None = None,
+) -> int:
+    """Find responsive addresses of `blocks` by waves of candidate probes (ICMP).
+
+    Each wave tries the next `per_wave` candidates (.1, .254, .2, ... then a per-block random
+    order) of every block still short of `want` responsive addresses, until `budget` candidates
+    per block are spent. Blocks already done in `hitlist` are skipped, so a re-run resumes.
+    `on_block_done(block)` is called once per block as soon as it is finished (to write it out).
+    Returns the number of blocks that have at least one responsive address.
+    """
+    pending = [b for b in blocks if not discovery_done(hitlist, b, budget, want)]
+
+    def wave() -> Iterator[Target]:
+        for block in pending:
+            for octet in hitlist.next_candidates(block, per_wave, budget):
+                yield Target(address_of(block, octet))
+
+    def on_result(result: ProbeResult) -> None:
+        try:
+            address = int.from_bytes(socket.inet_aton(result.target.address), "big")
+        except OSError:
+            return
+        if result.failure is not Failure.BLOCKED_BY_POLICY:
+            hitlist.record(address >> 8, address & 255, result.reachable)
+
+    while pending:
+        await prober.probe_many(wave(), pacer, on_result)
+        still = []
+        for block in pending:
+            if discovery_done(hitlist, block, budget, want):
+                if on_block_done is not None:
+                    on_block_done(block)
+            else:
+                still.append(block)
+        pending = still
+    return sum(1 for b in blocks if hitlist.is_known(b))
+
+
+class HitlistAppender:
+    """Appends finished blocks to a hitlist file as discovery goes (so a re-run resumes)."""
+
+    def __init__(self, hitlist: Hitlist, path: str | Path) -> None:
+        self.hitlist = hitlist
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = not self.path.exists() or self.path.stat().st_size == 0
+        self._handle = self.path.open("a", encoding="utf-8", newline="")
+        self._writer = csv.writer(self._handle, lineterminator="\n")
+        if fresh:
+            self._writer.writerow(HEADER)
+            self._handle.flush()
+
+    def __call__(self, block: int) -> None:
+        self._writer.writerows(self.hitlist.rows(block))
+        self._handle.flush()
+
+    def close(self) -> None:
+        self._handle.close()

@@ -37,9 +37,12 @@ log = logging.getLogger(__name__)
 
 BLOCK_METHOD = "icmp"
 # Signals: icmp_blocks_total/up for the address space; <method>_total/up for named endpoints;
-# rtt_p50_seconds/rtt_p90_seconds for the blocks' ICMP, <method>_rtt_p50_seconds for the others.
+# rtt_p50_seconds/rtt_p90_seconds for the blocks' ICMP, rtt_<method>_p50_seconds for the others;
+# icmp_loss: the share of probes to blocks that were up which went unanswered (throttling shows
+# as loss while the blocks, thanks to re-probes, stay up).
 SIGNAL_BLOCKS_TOTAL = "icmp_blocks_total"
 SIGNAL_BLOCKS_UP = "icmp_blocks_up"
+SIGNAL_LOSS = "icmp_loss"
 
 # Block states within a round.
 _SILENT = 0  # not in the hitlist at round start: not counted
@@ -133,6 +136,7 @@ class _BlockRound:
         self.settings = settings
         self.tally = tally
         self.state = bytearray(len(country.blocks))
+        self.sent = bytearray(len(country.blocks))  # probes to the block's hitlist addresses
         self.attempt = 0  # the stage being probed: 0 = first probe, then re-probes
 
     def first_stage(self) -> Iterator[Target]:
@@ -179,6 +183,8 @@ class _BlockRound:
                 self.state[index] = _EXCLUDED
             return
         self.hitlist.record(block, octet, ok)
+        if self.state[index] != _SILENT:
+            self.sent[index] = min(255, self.sent[index] + 1)
         if ok and self.state[index] == _PENDING:
             self.state[index] = _UP
             if self.attempt:
@@ -193,6 +199,29 @@ class _BlockRound:
             await prober.probe_many(
                 self.reprobe_stage(attempt), pacer, self.on_result
             )
+
+    def loss_points(self, now: datetime) -> list[SeriesPoint]:
+        """icmp_loss per country and ASN: unanswered share of the probes to blocks that were up."""
+        by_asn: dict[int, list[int]] = {}
+        for state, sent, asn in zip(self.state, self.sent, self.country.block_asns, strict=True):
+            if state == _UP and sent:
+                entry = by_asn.get(asn)
+                if entry is None:
+                    entry = by_asn[asn] = [0, 0]
+                entry[0] += sent - 1  # every probe before the answer was lost
+                entry[1] += sent
+        code = self.country.code
+        lost = sum(e[0] for e in by_asn.values())
+        sent_total = sum(e[1] for e in by_asn.values())
+        if not sent_total:
+            return []
+        points = [SeriesPoint(now, code, "country", code, SIGNAL_LOSS, lost / sent_total)]
+        for asn, (asn_lost, asn_sent) in sorted(by_asn.items()):
+            if asn:
+                points.append(
+                    SeriesPoint(now, code, "asn", str(asn), SIGNAL_LOSS, asn_lost / asn_sent)
+                )
+        return points
 
     def counts(self) -> list[TargetCount]:
         """(asn -> total, up) over the blocks known at round start; asn 0 -> None."""
@@ -330,6 +359,8 @@ async def run_round(
         outcome.counts.extend(_endpoint_counts(code, endpoint_round))
     outcome.counts.sort(key=lambda c: (c.country, c.method, c.asn or 0))
     outcome.points = _points(now, outcome.counts, tally.rtts)
+    for block_round in block_rounds:
+        outcome.points.extend(block_round.loss_points(now))
 
     control = [up for job in control_rounds for _, up in job.counted()]
     outcome.control_total, outcome.control_up = len(control), sum(control)
@@ -362,9 +393,11 @@ def _signal_names(method: str) -> tuple[str, str]:
 
 
 def rtt_signal(method: str, quantile: int) -> str:
-    """rtt_p50_seconds for the blocks' ICMP, <method>_rtt_p50_seconds for other methods."""
-    name = f"rtt_p{quantile}_seconds"
-    return name if method == BLOCK_METHOD else f"{method}_{name}"
+    """rtt_p50_seconds for the blocks' ICMP, rtt_<method>_p50_seconds for other methods (the
+    detector takes every signal starting with "rtt" as a latency)."""
+    if method == BLOCK_METHOD:
+        return f"rtt_p{quantile}_seconds"
+    return f"rtt_{method}_p{quantile}_seconds"
 
 
 def percentile(values: Sequence[float], quantile: float) -> float:

@@ -135,6 +135,11 @@ def test_round_says_exactly_which_blocks_are_up(lab: Netns) -> None:
     assert value(first, "asn", "29355", "icmp_blocks_up") == 1
     assert value(first, "asn", "29355", "icmp_blocks_total") == 2
     assert hitlist.responsive(parse_block("10.80.1.0")) == [254, 1]  # .254 is preferred now
+    # Loss over the blocks that were up: block 1 needed 2 probes, blocks 0 and 2 one each.
+    assert value(first, "country", "KZ", "icmp_loss") == 0.25
+    assert value(first, "asn", "9198", "icmp_loss") == pytest.approx(1 / 3)
+    assert value(first, "asn", "29355", "icmp_loss") == 0.0
+    assert value(second, "country", "KZ", "icmp_loss") == 0.0  # .254 goes first now
 
     # Block 4 answered discovery in round 1: counted (and up) from round 2 on, unattributed.
     assert hitlist.responsive(parse_block("10.80.4.0")) == [1, 254]
