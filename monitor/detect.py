@@ -706,7 +706,9 @@ class _Engine:
         learned[:, unknown_bins] = np.nan
         learned[vant] = np.nan
         drop = ((roles == ROLE_REACH) | (roles == ROLE_SERVICE)) & from_history
-        residual = np.where(drop & (upper >= cfg.critical),
+        # noise is learned from normal bins only: anomalies must not widen it (a long shutdown
+        # would otherwise teach the detector that collapses are ordinary noise)
+        residual = np.where(drop & (status == 0),
                             np.minimum(np.abs(level - 1.0), 1.0), np.nan)
         residual[:, unknown_bins] = np.nan
         store.learn((tod // self.slot_seconds).astype(np.int64) % self.slots, learned, residual)
