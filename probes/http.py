@@ -280,10 +280,13 @@ class HttpProber:
         redirects: list[dict[str, Any]] = []
         for hop in range(self.max_redirects + 1):
             host = url.host or ""
+            # The URL may name another address than the target's: the blocklist rules both.
+            if not hop and host != target.address and _blocked(pacer, host):
+                return blocked_result(target, self.method, started_at)
             if hop:
-                if pacer is not None and address_key(host) is not None:
-                    if pacer.is_blocked(host):
-                        return blocked_result(target, self.method, started_at)
+                if _blocked(pacer, host):
+                    return blocked_result(target, self.method, started_at)
+                if pacer is not None:  # each hop is one more request: it counts against the rate
                     delay = pacer.reserve(host)
                     if delay > 0:
                         await asyncio.sleep(delay)
@@ -348,6 +351,11 @@ class HttpProber:
                 return True
         details["body_bytes"] = size
         return False
+
+
+def _blocked(pacer: Pacer | None, host: str) -> bool:
+    """True when `host` is an IP literal in the pacer's blocklist (names are checked on resolve)."""
+    return pacer is not None and address_key(host) is not None and pacer.is_blocked(host)
 
 
 def _url_for_address(target: Target) -> URL:

@@ -11,7 +11,14 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 
-from probes.base import Failure, ProbeResult, ResultSink, Target, blocked_result
+from probes.base import (
+    Failure,
+    ProbeResult,
+    ProbeSetupError,
+    ResultSink,
+    Target,
+    blocked_result,
+)
 from probes.pacing import Pacer
 
 log = logging.getLogger(__name__)
@@ -31,7 +38,8 @@ async def run_pool(
 
     Blocklisted targets get `blocked_result` without a packet. `probe_one` runs between
     `pacer.admit` and `pacer.release_slot`. A bug inside `probe_one` becomes `Failure.OTHER` for
-    that target (logged), so one odd target cannot stop a round of a million.
+    that target (logged), so one odd target cannot stop a round of a million; a ProbeSetupError
+    (a target the method cannot probe at all) propagates.
     """
     iterator = iter(targets)
     size = max(1, workers if workers is not None else pacer.policy.max_in_flight)
@@ -45,6 +53,8 @@ async def run_pool(
             await pacer.admit(target.address)
             try:
                 result = await probe_one(target)
+            except ProbeSetupError:
+                raise  # the caller's mistake (a target the method cannot probe): say so loudly
             except Exception as exc:
                 log.exception("%s probe of %s failed unexpectedly", method, target)
                 result = unexpected_result(target, method, exc)

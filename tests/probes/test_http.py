@@ -152,6 +152,19 @@ async def test_redirect_to_blocklisted_address_is_not_followed() -> None:
     assert result.failure is Failure.BLOCKED_BY_POLICY
 
 
+async def test_url_host_in_the_blocklist_is_not_fetched_whatever_the_target_address() -> None:
+    agents: list[str] = []
+    async with http_app(_routes(agents)) as port:
+        pacer = Pacer(PacingPolicy(rate_pps=None), Blocklist.from_cidrs(["127.0.0.1/32"]))
+        prober = HttpProber(contact_url=CONTACT)
+        results: list[ProbeResult] = []
+        target = Target("192.0.2.1", url=f"http://127.0.0.1:{port}/ok")
+        await prober.probe_many([target], pacer, results.append)
+        await prober.close()
+    assert [r.failure for r in results] == [Failure.BLOCKED_BY_POLICY]
+    assert agents == []
+
+
 async def test_user_agent_carries_the_contact_url() -> None:
     agents: list[str] = []
     async with http_app(_routes(agents)) as port:
