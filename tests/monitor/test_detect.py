@@ -51,7 +51,10 @@ def counts(index: pd.DatetimeIndex, country: str, scope: str, entity: str, block
 
 def step(index: pd.DatetimeIndex, start: datetime, end: datetime | None, to: float) -> np.ndarray:
     out = np.ones(len(index))
-    mask = (index >= start) & ((index < end) if end is not None else True)
+    stamps = index.as_unit("s").asi8
+    mask = stamps >= int(start.timestamp())
+    if end is not None:
+        mask &= stamps < int(end.timestamp())
     out[mask] = to
     return out
 
@@ -68,7 +71,8 @@ def country_with_networks(index: pd.DatetimeIndex, factors: dict[str, np.ndarray
     # the country series is the sum of its networks, as the daemon exports it
     summed = frame.groupby(["time", "signal"], as_index=False)["value"].sum()
     summed = summed.assign(country=cc, scope="country", entity=cc)
-    return pd.concat([frame, summed[list(COLUMNS)]], ignore_index=True)
+    out: pd.DataFrame = pd.concat([frame, summed.loc[:, list(COLUMNS)]], ignore_index=True)
+    return out
 
 
 SIZES = {"9198": 400, "29355": 150, "48503": 120, "21299": 100, "35104": 60}
@@ -241,7 +245,7 @@ def test_live_detector_agrees_with_offline_detect() -> None:
     seen: dict[str, Incident] = {}
     opened_at = None
     for when, points in frame[frame["time"] >= T0 + timedelta(days=3)].groupby("time"):
-        now = when.to_pydatetime()
+        now = pd.Timestamp(when).to_pydatetime()  # type: ignore[arg-type]
         for inc in live.update(points, now):
             seen[inc.id] = inc
             opened_at = opened_at or now
