@@ -18,6 +18,7 @@ read transaction so it never sees a compaction half done.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -28,7 +29,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TextIO
 
 import numpy as np
 import numpy.typing as npt
@@ -129,14 +130,44 @@ class HistoryStore:
         self._series_ids: dict[SeriesKey, int] = {}
         self._last_compaction_cutoff = 0
         self._lock = threading.RLock()
-        self._conn = self._open()
+        self._writer_lock: TextIO | None = None
+        if not readonly:
+            if not self.path.parent.is_dir():
+                raise StoreError(f"{self.path}: directory {self.path.parent} does not exist")
+            self._writer_lock = self._claim_writer()
+        try:
+            self._conn = self._open()
+        except BaseException:
+            self._release_writer()
+            raise
 
     # ----- opening -------------------------------------------------------------------------
+    def _claim_writer(self) -> TextIO:
+        """One writer per store: two daemons interleaving rounds would corrupt the history's
+        meaning (not the file), so the second one is refused."""
+        lock_path = Path(f"{self.path}.lock")
+        try:
+            handle = lock_path.open("a")
+        except OSError as exc:
+            raise StoreError(f"{self.path}: cannot create the writer lock {lock_path}: "
+                             f"{exc.strerror}") from exc
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            handle.close()
+            raise StoreError(
+                f"{self.path}: another process is writing to this history store "
+                f"(lock {lock_path} held); open it read-only to read") from exc
+        return handle
+
+    def _release_writer(self) -> None:
+        if self._writer_lock is not None:
+            self._writer_lock.close()  # closing drops the flock
+            self._writer_lock = None
+
     def _open(self) -> sqlite3.Connection:
         if self.readonly and not self.path.exists():
             raise StoreError(f"{self.path}: no history store at this path")
-        if not self.readonly and not self.path.parent.is_dir():
-            raise StoreError(f"{self.path}: directory {self.path.parent} does not exist")
         try:
             if self.readonly:
                 uri = f"{self.path.resolve().as_uri()}?mode=ro"
@@ -203,7 +234,8 @@ class HistoryStore:
                 try:
                     yield conn
                 except BaseException:
-                    conn.execute("ROLLBACK")
+                    if conn.in_transaction:  # SQLite may already have rolled back (disk full)
+                        conn.execute("ROLLBACK")
                     raise
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
@@ -454,6 +486,7 @@ class HistoryStore:
                 raise StoreError(f"{self.path}: cannot close cleanly: {exc}") from exc
             finally:
                 self._conn.close()
+                self._release_writer()
 
     def __enter__(self) -> HistoryStore:
         return self

@@ -317,3 +317,16 @@ def test_thirty_days_of_one_country_from_a_kz_sized_store(tmp_path: Path) -> Non
     assert frame.groupby(["scope", "entity", "signal"]).size().eq(per_series).all()
     last = frame[(frame.entity == "9039") & (frame.signal == "icmp_blocks_up")]
     assert last["value"].iloc[-1] == float((rounds - 1) * 10 + 39)
+
+
+def test_a_second_writer_is_refused_but_readers_are_welcome(tmp_path: Path) -> None:
+    path = tmp_path / "h.sqlite"
+    with HistoryStore(path) as writer:
+        fill(writer, range(2))
+        with pytest.raises(StoreError, match="another process is writing"):
+            HistoryStore(path)
+        reader = HistoryStore(path, readonly=True)
+        assert len(reader.read_frame()) == 2 * len(kz_round(0))
+        reader.close()
+    with HistoryStore(path) as writer:  # the lock went with the first writer
+        assert writer.get_state("x") is None
