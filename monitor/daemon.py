@@ -343,7 +343,11 @@ class Daemon:
         if outcome.abandoned:
             self._abandoned(when, outcome)
             return
-        self._after_round(outcome)
+        try:
+            self._after_round(outcome)
+        except Exception:
+            # Same reasoning: keep monitoring, and say loudly what broke.
+            log.exception("processing the round at %s failed", format_time(when))
 
     def _abandoned(self, when: datetime, outcome: RoundOutcome | None = None) -> None:
         self.last.abandoned += 1
@@ -359,7 +363,12 @@ class Daemon:
         self._update_vantage(outcome)
         self._store_points(outcome.points)
         incidents = self._detect(outcome)
-        transitions = self.lifecycle.observe(incidents, now, complete=True)
+        try:
+            transitions = self.lifecycle.observe(incidents, now, complete=True)
+        except ValueError as exc:
+            self.metrics.record_malformed("detector")
+            log.error("detector returned a malformed incident, round not judged: %s", exc)
+            transitions = []
         self._announce(transitions)
         self._persist(transitions)
         open_incidents = self.lifecycle.open_incidents()
