@@ -1,0 +1,437 @@
+"""The ICMP prober against the real kernel, inside network namespaces these tests create.
+
+Topology (all addresses exist only inside the namespaces):
+
+    vantage ns                                  router ns (nft rules on its AnyIP ranges)
+    lo: 10.77.0.0/16, fd77::/64 answer (AnyIP)  10.78.1.0/24, fd78:1::/64  dropped (silence)
+    10.76.0.0/24: a local `unreachable` route   10.78.2.0/24, fd78:2::/64  host/address unreachable
+    10.78.0.0/16, fd78::/16 via the router      10.78.3.0/24, fd78:3::/64  net unreachable/no route
+    v0 10.99.0.1/30 fd99::1 ------- veth ------- r0 10.99.0.2/30 fd99::2
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import struct
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from probes.base import Failure, ProbeResult, ProbeSetupError, Target
+from probes.icmp import (
+    ICMP4_DEST_UNREACHABLE,
+    ICMP4_ECHO_REPLY,
+    ICMP4_ECHO_REQUEST,
+    IcmpProber,
+    build_echo,
+    build_error4,
+    build_ipv4,
+    parse_icmp4,
+)
+from probes.pacing import Blocklist, Pacer, PacingPolicy
+from tests.netns import Netns, needs_root, run_in_netns
+
+pytestmark = [needs_root, pytest.mark.root]
+
+MODES = {"datagram": False, "raw": True}
+FAST = PacingPolicy(rate_pps=None, max_in_flight=4096, per_block_pps=None)
+
+
+# ICMP errors come from nft reject rules: the kernel's own errors for `unreachable` routes are
+# rate limited by host-wide sysctls (net.ipv4.route.error_cost) that a test must not change.
+ROUTER_RULES = """
+table inet lab {
+    chain input {
+        type filter hook input priority 0; policy accept;
+        ip daddr 10.78.1.0/24 drop
+        ip daddr 10.78.2.0/24 reject with icmp type host-unreachable
+        ip daddr 10.78.3.0/24 reject with icmp type net-unreachable
+        ip6 daddr fd78:1::/64 drop
+        ip6 daddr fd78:2::/64 reject with icmpv6 type addr-unreachable
+        ip6 daddr fd78:3::/64 reject with icmpv6 type no-route
+    }
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def vantage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Netns]:
+    with Netns("icmpv") as ns, Netns("icmpr") as router:
+        ns.sysctl("net.ipv4.ping_group_range", "0 2147483647")
+        ns.exec("ip", "route", "add", "local", "10.77.0.0/16", "dev", "lo")
+        ns.exec("ip", "-6", "route", "add", "local", "fd77::/64", "dev", "lo")
+        ns.exec("ip", "route", "add", "unreachable", "10.76.0.0/24")
+        for namespace in (ns, router):  # no duplicate address detection: addresses work at once
+            namespace.sysctl("net.ipv6.conf.all.accept_dad", "0")
+            namespace.sysctl("net.ipv6.conf.default.accept_dad", "0")
+        ns.exec("ip", "link", "add", "v0", "type", "veth", "peer", "name", "r0",
+                "netns", router.name)  # fmt: skip
+        # The router must answer every probe with its ICMP error: no rate limits.
+        router.sysctl("net.ipv4.icmp_ratemask", "0")
+        router.sysctl("net.ipv4.icmp_msgs_per_sec", "100000")
+        router.sysctl("net.ipv4.icmp_msgs_burst", "100000")
+        router.sysctl("net.ipv6.icmp.ratelimit", "0")
+        for namespace, device, v4, v6 in (
+            (ns, "v0", "10.99.0.1/30", "fd99::1/64"),
+            (router, "r0", "10.99.0.2/30", "fd99::2/64"),
+        ):
+            namespace.exec("ip", "addr", "add", v4, "dev", device)
+            namespace.exec("ip", "-6", "addr", "add", v6, "dev", device, "nodad")
+            namespace.exec("ip", "link", "set", device, "up")
+        wait_for_carrier(ns, "v0")
+        wait_for_carrier(router, "r0")
+        ns.exec("ip", "route", "add", "10.78.0.0/16", "via", "10.99.0.2")
+        ns.exec("ip", "-6", "route", "add", "fd78::/16", "via", "fd99::2")
+        router.exec("ip", "route", "add", "local", "10.78.0.0/16", "dev", "lo")
+        router.exec("ip", "-6", "route", "add", "local", "fd78::/16", "dev", "lo")
+        rules = tmp_path_factory.mktemp("icmp") / "router.nft"
+        rules.write_text(ROUTER_RULES)
+        router.exec("nft", "-f", str(rules))
+        ns.exec("ip", "-6", "route", "get", "fd78:1::1")  # fails loudly if the route is gone
+        yield ns
+
+
+def wait_for_carrier(ns: Netns, device: str) -> None:
+    """A veth pair reports carrier a moment after both ends are up; routes are dead until then."""
+    deadline = time.monotonic() + 5.0
+    while "NO-CARRIER" in ns.exec("ip", "link", "show", device).stdout:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{device} in {ns.name} has no carrier after 5 s")
+        time.sleep(0.02)
+
+
+def addresses(network: str, count: int, first: int = 1) -> list[str]:
+    net = ipaddress.ip_network(network)
+    return [str(net.network_address + first + i) for i in range(count)]
+
+
+async def probe_all(
+    prober: IcmpProber, targets: list[str], pacer: Pacer | None = None
+) -> dict[str, ProbeResult]:
+    results: dict[str, ProbeResult] = {}
+
+    def keep(result: ProbeResult) -> None:
+        assert result.target.address not in results, "one result per target"
+        results[result.target.address] = result
+
+    await prober.probe_many((Target(a) for a in targets), pacer or Pacer(FAST), keep)
+    assert set(results) == set(targets)
+    return results
+
+
+class Tap:
+    """A raw ICMP socket in the namespace that sees every ICMP packet delivered there (echo
+    requests to the AnyIP range included) and may react to each one."""
+
+    def __init__(self, react: Callable[[bytes, str], None] | None = None) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        self.sock.setblocking(False)
+        self.requests: Counter[str] = Counter()
+        self.react = react
+        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._read)
+
+    def _read(self) -> None:
+        while True:
+            try:
+                packet, (source, _port) = self.sock.recvfrom(4096)
+            except BlockingIOError:
+                return
+            if packet[20] == ICMP4_ECHO_REQUEST:
+                self.requests[socket.inet_ntoa(packet[16:20])] += 1
+            if self.react is not None:
+                self.react(packet, source)
+
+    def close(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_answers_silence_and_unreachables_v4(vantage: Netns, mode: str) -> None:
+    answering = addresses("10.77.0.0/16", 300)
+    silent = addresses("10.78.1.0/24", 3)
+    host_unreachable = addresses("10.78.2.0/24", 2)
+    net_unreachable = addresses("10.78.3.0/24", 2)
+    local_unreachable = ["10.76.0.9"]
+
+    async def scenario() -> tuple[dict[str, ProbeResult], IcmpProber, float]:
+        prober = IcmpProber(timeout_s=0.5, privileged=MODES[mode])
+        begun = time.time()
+        try:
+            targets = answering + silent + host_unreachable + net_unreachable + local_unreachable
+            return await probe_all(prober, targets), prober, begun
+        finally:
+            await prober.close()
+
+    results, prober, begun = run_in_netns(vantage, scenario)
+    for address in answering:
+        result = results[address]
+        assert (result.reachable, result.success, result.failure) == (True, True, None)
+        assert result.rtt_s is not None and 0 < result.rtt_s < 0.5
+        assert begun <= result.started_at <= time.time()
+        if mode == "raw":
+            assert result.details["ttl"] == 64
+    expected = (
+        [(a, Failure.TIMEOUT) for a in silent]
+        + [(a, Failure.HOST_UNREACHABLE) for a in host_unreachable + local_unreachable]
+        + [(a, Failure.NETWORK_UNREACHABLE) for a in net_unreachable]
+    )
+    for address, failure in expected:
+        result = results[address]
+        assert (result.reachable, result.success, result.failure, result.rtt_s) == (
+            False, False, failure, None,
+        ), address  # fmt: skip
+    # The rejecting host itself reports, as a firewall in front of it would.
+    assert results[host_unreachable[0]].details["reported_by"] == host_unreachable[0]
+    assert results[host_unreachable[0]].details["icmp_code"] == 1
+    assert results[local_unreachable[0]].details["errno"] == "EHOSTUNREACH"
+    stats = prober.stats
+    assert (stats.echo_replies, stats.timeouts, stats.unreachable, stats.send_errors) == (
+        300, 3, 4, 1,
+    )  # fmt: skip
+    assert stats.sent == 307  # the local unreachable one never left
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ipv6_answers_silence_and_unreachable(vantage: Netns, mode: str) -> None:
+    answering = [*addresses("fd77::/64", 50), "::1"]
+    silent = ["fd78:1::1"]
+    unreachable = ["fd78:2::1", "fd78:3::1"]
+
+    async def scenario() -> tuple[dict[str, ProbeResult], dict[str, str]]:
+        prober = IcmpProber(timeout_s=0.5, privileged=MODES[mode])
+        try:
+            results = await probe_all(prober, [*answering, "FD77:0:0::FFFF", *silent, *unreachable])
+            return results, prober.mode
+        finally:
+            await prober.close()
+
+    results, used = run_in_netns(vantage, scenario)
+    assert used == {"ipv6": mode}
+    for address in [*answering, "FD77:0:0::FFFF"]:  # a non-canonical spelling still matches
+        assert results[address].success, address
+    assert results["fd78:1::1"].failure is Failure.TIMEOUT
+    assert results["fd78:2::1"].failure is Failure.HOST_UNREACHABLE  # "address unreachable"
+    assert results["fd78:3::1"].failure is Failure.NETWORK_UNREACHABLE  # "no route"
+    assert results["fd78:2::1"].details["reported_by"] == "fd99::2"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_forged_and_malformed_packets_are_counted_and_ignored(vantage: Netns, mode: str) -> None:
+    """While probes run, every genuine reply the tap sees is followed by nine forgeries."""
+    answering = addresses("10.77.1.0/24", 40)
+    silent = addresses("10.78.1.0/24", 2)  # keeps probe_many running while forgeries arrive
+    replies_to_forge = 10
+
+    async def scenario() -> tuple[dict[str, ProbeResult], dict[str, int]]:
+        prober = IcmpProber(timeout_s=1.0, privileged=MODES[mode])
+        injector = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        forged: set[str] = set()
+
+        def inject(src: str, dst: str, icmp: bytes) -> None:
+            injector.sendto(build_ipv4(src, dst, icmp), (dst, 0))
+
+        def forge(packet: bytes, source: str) -> None:
+            parsed = parse_icmp4(packet, with_ip_header=True)
+            if parsed is None or parsed.icmp_type != ICMP4_ECHO_REPLY:
+                return
+            if parsed.ident != prober.echo_id() or source not in answering or source in forged:
+                return
+            if len(forged) >= replies_to_forge:
+                return
+            forged.add(source)
+            dst = socket.inet_ntoa(packet[16:20])
+            ident, seq, payload = parsed.ident, parsed.seq, parsed.payload
+            inject(source, dst, packet[20:])  # duplicate
+            inject("10.77.250.1", dst, packet[20:])  # from an address never probed
+            inject(source, dst, build_echo(ICMP4_ECHO_REPLY, ident, seq + 1, payload))  # seq
+            inject(source, dst, build_echo(ICMP4_ECHO_REPLY, ident, seq, b"X" * len(payload)))
+            inject(source, dst, build_echo(ICMP4_ECHO_REPLY, ident ^ 0x5A5A, seq, payload))
+            inject(source, dst, packet[20:26])  # truncated ICMP header: the kernel drops it
+            cut = build_ipv4(dst, source, packet[20:])[:12]
+            inject(source, dst, build_error4(ICMP4_DEST_UNREACHABLE, 1, cut))  # quote cut short
+            udp = build_ipv4(dst, "10.77.9.9", struct.pack("!HHHH", 5353, 53, 8, 0), protocol=17)
+            inject(source, dst, build_error4(ICMP4_DEST_UNREACHABLE, 3, udp))  # not about us
+            inject(source, dst, build_error4(ICMP4_DEST_UNREACHABLE, 1, b"\x45garbage"))
+
+        tap = Tap(forge)
+        try:
+            results = await probe_all(prober, answering + silent)
+            await asyncio.sleep(0.2)  # forgeries still in the socket are read too
+            assert len(forged) == replies_to_forge
+            return results, prober.stats.as_dict()
+        finally:
+            tap.close()
+            injector.close()
+            await prober.close()
+
+    results, stats = run_in_netns(vantage, scenario)
+    assert all(results[a].success for a in answering)
+    assert all(results[a].failure is Failure.TIMEOUT for a in silent)
+    assert stats["echo_replies"] == len(answering)
+    n = replies_to_forge
+    assert (stats["duplicates"], stats["unmatched"], stats["wrong_payload"]) == (n, 2 * n, n)
+    if mode == "raw":
+        # A raw socket sees everything; the kernel filters these for a datagram socket.
+        assert (stats["wrong_id"], stats["malformed"], stats["unrelated"]) == (n, 2 * n, n)
+    else:
+        assert (stats["wrong_id"], stats["malformed"], stats["unrelated"]) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_blocklisted_targets_get_no_packet(vantage: Netns, mode: str) -> None:
+    blocked = addresses("10.77.5.0/24", 10)
+    allowed = addresses("10.77.6.0/24", 10)
+    pacer_policy = PacingPolicy(rate_pps=None, per_block_pps=None)
+
+    async def scenario() -> tuple[dict[str, ProbeResult], Counter[str], int]:
+        prober = IcmpProber(timeout_s=0.5, privileged=MODES[mode])
+        tap = Tap()
+        pacer = Pacer(pacer_policy, Blocklist.from_cidrs(["10.77.5.0/24"]))
+        try:
+            results = await probe_all(prober, blocked + allowed, pacer)
+            await asyncio.sleep(0.05)
+            return results, tap.requests, prober.stats.sent
+        finally:
+            tap.close()
+            await prober.close()
+
+    results, requests, sent = run_in_netns(vantage, scenario)
+    for address in blocked:
+        assert results[address].failure is Failure.BLOCKED_BY_POLICY
+        assert requests[address] == 0
+    for address in allowed:
+        assert results[address].success
+        assert requests[address] == 1
+    assert sent == len(allowed)
+
+
+def test_rate_cap_is_respected(vantage: Netns) -> None:
+    """200 probes at 1000 probes/s cannot finish in much under 0.2 s (a correctness check)."""
+    targets = addresses("10.77.7.0/24", 200)
+
+    async def scenario() -> tuple[float, dict[str, ProbeResult]]:
+        prober = IcmpProber(timeout_s=0.5)
+        pacer = Pacer(PacingPolicy(rate_pps=1000, per_block_pps=None))
+        try:
+            begun = time.monotonic()
+            results = await probe_all(prober, targets, pacer)
+            return time.monotonic() - begun, results
+        finally:
+            await prober.close()
+
+    elapsed, results = run_in_netns(vantage, scenario)
+    assert elapsed >= 0.18
+    assert all(r.success for r in results.values())
+
+
+def test_in_flight_cap_is_respected(vantage: Netns) -> None:
+    """16 silent targets, 4 in flight, 0.3 s timeout: four waves, at least 1.2 s."""
+    targets = addresses("10.78.1.0/24", 16)
+
+    async def scenario() -> tuple[float, int, int]:
+        prober = IcmpProber(timeout_s=0.3)
+        pacer = Pacer(PacingPolicy(rate_pps=None, per_block_pps=None, max_in_flight=4))
+        peak = 0
+
+        async def watch() -> None:
+            nonlocal peak
+            while True:
+                peak = max(peak, pacer.in_flight)
+                await asyncio.sleep(0.01)
+
+        watcher = asyncio.create_task(watch())
+        try:
+            begun = time.monotonic()
+            results = await probe_all(prober, targets, pacer)
+            assert all(r.failure is Failure.TIMEOUT for r in results.values())
+            return time.monotonic() - begun, peak, pacer.in_flight
+        finally:
+            watcher.cancel()
+            await prober.close()
+
+    elapsed, peak, left = run_in_netns(vantage, scenario)
+    assert elapsed >= 1.2
+    assert peak == 4
+    assert left == 0
+
+
+def test_concurrent_calls_share_one_socket(vantage: Netns) -> None:
+    first = addresses("10.77.8.0/24", 100)
+    second = addresses("10.77.9.0/24", 100)
+
+    async def scenario() -> tuple[dict[str, ProbeResult], dict[str, ProbeResult], int]:
+        prober = IcmpProber(timeout_s=0.5)
+        pacer = Pacer(FAST)
+        try:
+            a, b = await asyncio.gather(
+                probe_all(prober, first, pacer), probe_all(prober, second, pacer)
+            )
+            return a, b, len(prober.mode)
+        finally:
+            await prober.close()
+
+    a, b, sockets = run_in_netns(vantage, scenario)
+    assert all(r.success for r in a.values()) and all(r.success for r in b.values())
+    assert sockets == 1
+
+
+def test_host_name_target_is_resolved(vantage: Netns) -> None:
+    async def scenario() -> dict[str, ProbeResult]:
+        prober = IcmpProber(timeout_s=0.5)
+        try:
+            return await probe_all(prober, ["localhost"])
+        finally:
+            await prober.close()
+
+    assert run_in_netns(vantage, scenario)["localhost"].success
+
+
+def test_failing_sink_stops_the_call(vantage: Netns) -> None:
+    class SinkBroke(Exception):
+        pass
+
+    async def scenario() -> None:
+        prober = IcmpProber(timeout_s=0.5)
+
+        def sink(_result: ProbeResult) -> None:
+            raise SinkBroke
+
+        try:
+            targets = (Target(a) for a in addresses("10.77.10.0/24", 10))
+            await prober.probe_many(targets, Pacer(FAST), sink)
+        finally:
+            await prober.close()
+
+    with pytest.raises(SinkBroke):
+        run_in_netns(vantage, scenario)
+
+
+def test_no_permission_says_how_to_enable() -> None:
+    with Netns("icmpn") as ns:
+        ns.sysctl("net.ipv4.ping_group_range", "1 0")
+
+        async def scenario() -> Any:
+            prober = IcmpProber(privileged=False)
+            try:
+                await prober.probe_many([Target("127.0.0.1")], Pacer(FAST), lambda r: None)
+            finally:
+                await prober.close()
+
+        with pytest.raises(ProbeSetupError) as caught:
+            run_in_netns(ns, scenario)
+    message = str(caught.value)
+    assert 'sysctl -w net.ipv4.ping_group_range="0 2147483647"' in message
+    assert "cap_net_raw+ep" in message
+
+
+def test_bad_options_are_rejected() -> None:
+    with pytest.raises(ProbeSetupError, match="timeout_s"):
+        IcmpProber(timeout_s=0)
+    with pytest.raises(ProbeSetupError, match="payload_size"):
+        IcmpProber(payload_size=5000)
