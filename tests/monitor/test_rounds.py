@@ -13,9 +13,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from monitor.asn import load_asn_table
+from monitor.config import load_config
 from monitor.hitlist import Hitlist
+from monitor.round_driver import ConfiguredRoundDriver
 from monitor.rounds import RoundOutcome, RoundSettings, TargetCount, percentile, run_round
 from monitor.targets import Endpoint, Universe, build_country, parse_block
 from probes.base import Prober, Target
@@ -23,6 +26,7 @@ from probes.icmp import IcmpProber
 from probes.pacing import Blocklist, Pacer, PacingPolicy
 from probes.tcp import TcpProber
 from tests.netns import Netns, needs_root, run_in_netns
+from tests.probes.servers import DnsBehaviour, DnsResponder, http_app
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 NOW = datetime(2022, 1, 5, 10, 30, tzinfo=UTC)
@@ -226,3 +230,73 @@ def test_percentile_is_nearest_rank() -> None:
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.0
     assert percentile([float(i) for i in range(1, 11)], 90) == 9.0
     assert percentile([5.0], 90) == 5.0
+
+
+@needs_root
+def test_configured_driver_probes_blocks_and_services_and_saves_the_hitlist(
+    lab: Netns, tmp_path: Path
+) -> None:
+    """The daemon's driver, from a config file: ICMP blocks, HTTP URLs, DNS resolvers, control."""
+    (tmp_path / "kz.txt").write_text("10.80.0.0/22\n")
+    (tmp_path / "blocklist.txt").write_text("10.80.5.0/24\n")
+    (tmp_path / "asn.tsv").write_text((FIXTURES / "asn_lab.ip2asn.tsv").read_text())
+
+    routes = web.RouteTableDef()
+
+    @routes.get("/ok")
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    @routes.get("/blocked")
+    async def blocked(request: web.Request) -> web.Response:
+        return web.Response(status=403, text="blocked by order")
+
+    async def scenario() -> tuple[RoundOutcome, RoundOutcome]:
+        zone = {"gov.kz": DnsBehaviour(answers=["10.80.0.80"]),
+                "tampered.kz": DnsBehaviour(answers=["10.10.34.34"])}
+        async with http_app(routes) as http_port, DnsResponder(zone) as dns:
+            config_path = tmp_path / "lab.yaml"
+            config_path.write_text(
+                "countries:\n"
+                "  KZ:\n"
+                "    prefixes: kz.txt\n"
+                "    endpoints:\n"
+                f"      urls: ['http://127.0.0.1:{http_port}/ok',\n"
+                f"             'http://127.0.0.1:{http_port}/blocked']\n"
+                "      resolvers:\n"
+                f"        - {{server: 127.0.0.1, port: {dns.port}, name: gov.kz,\n"
+                "           expected: [10.80.0.80]}\n"
+                f"        - {{server: 127.0.0.1, port: {dns.port}, name: tampered.kz,\n"
+                "           expected: [10.80.0.80]}\n"
+                f"control: {{hosts: ['127.0.0.1:{http_port}'], method: tcp}}\n"
+                "asn_file: asn.tsv\n"
+                "hitlist_dir: hitlists\n"
+                "vantage: {name: lab}\n"
+                "pacing: {blocklist_file: blocklist.txt, rate_pps: 5000, per_block_pps: null}\n"
+                "probing: {timeout_s: 0.5, reprobes: 1}\n"
+            )
+            driver = ConfiguredRoundDriver(load_config(config_path))
+            try:
+                first = await driver.run(NOW)
+                second = await driver.run(NOW)
+            finally:
+                await driver.close()
+        return first, second
+
+    first, second = run_in_netns(lab, scenario)
+    # Round 1 discovers (nothing known yet: an honest 0 of 0); round 2 counts blocks 0..2 up
+    # and block 3 (dropped) was never learnt, so it is not counted at all.
+    assert value(first, "country", "KZ", "icmp_blocks_total") == 0
+    assert value(second, "country", "KZ", "icmp_blocks_total") == 3
+    assert value(second, "country", "KZ", "icmp_blocks_up") == 3
+    assert value(second, "asn", "9198", "icmp_blocks_up") == 2
+    # A 403 is not service; a wrong DNS answer (tampering) is not service either.
+    assert value(first, "country", "KZ", "http_total") == 2
+    assert value(first, "country", "KZ", "http_up") == 1
+    assert value(first, "country", "KZ", "dns_total") == 2
+    assert value(first, "country", "KZ", "dns_up") == 1
+    assert value(first, "country", "KZ", "rtt_http_p50_seconds") > 0
+    assert value(first, "vantage", "lab", "vantage_up") == 1.0
+    saved = Hitlist.load(tmp_path / "hitlists" / "KZ.csv")
+    assert saved.known_blocks() == 3
+    assert saved.tried(parse_block("10.80.3.0")) == 4  # 2 per round, no answer
