@@ -120,6 +120,7 @@ class DnsResponder:
         # UDP and TCP on the same port number: retry until a free pair is found.
         for _ in range(50):
             udp_sock = socket.socket(family, socket.SOCK_DGRAM)
+            _deep_receive_buffer(udp_sock)
             udp_sock.bind((self.host, 0))
             port = udp_sock.getsockname()[1]
             tcp_sock = socket.socket(family, socket.SOCK_STREAM)
@@ -134,8 +135,8 @@ class DnsResponder:
             raise RuntimeError("no free UDP+TCP port pair on loopback")
         self.port = port
         self._udp, _ = await loop.create_datagram_endpoint(Udp, sock=udp_sock)
-        tcp_sock.listen(64)
-        self._tcp = await asyncio.start_server(tcp, sock=tcp_sock)
+        tcp_sock.listen(4096)
+        self._tcp = await asyncio.start_server(tcp, sock=tcp_sock, backlog=4096)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -144,6 +145,15 @@ class DnsResponder:
         if self._tcp is not None:
             self._tcp.close()
             await self._tcp.wait_closed()
+
+
+def _deep_receive_buffer(sock: socket.socket) -> None:
+    """4 MB of receive buffer, so a burst of queries is not dropped before it is read."""
+    force = getattr(socket, "SO_RCVBUFFORCE", None)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, force or socket.SO_RCVBUF, 4 << 20)
+    except OSError:  # not root: take what the system allows
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -167,7 +177,8 @@ async def raw_tcp_server(
         if asyncio.iscoroutine(result):
             await result
 
-    server = await asyncio.start_server(run, host, 0)
+    # A deep accept queue: a prober with hundreds of connects in flight must not see SYN drops.
+    server = await asyncio.start_server(run, host, 0, backlog=4096)
     try:
         yield server.sockets[0].getsockname()[1]
     finally:
