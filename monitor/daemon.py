@@ -426,24 +426,35 @@ class Daemon:
     def _vantage_guard(
         self, found: list[dict[str, Any]], outcome: RoundOutcome
     ) -> list[dict[str, Any]]:
+        """The vantage self-check has the last word on the vantage.
+
+        With control targets configured, the daemon owns `vantage_offline` incidents (one per
+        outage, from the first failed round; the detector's own, which needs several bins, is
+        left out so the outage is not announced twice). Without control targets the detector's
+        fallback is all there is, and passes through. While the vantage is offline, no new
+        country incident is let through, whatever the detector says.
+        """
         state = self.vantage
-        detector_saw_it = any(i["kind"] == KIND_VANTAGE_OFFLINE for i in found)
-        if not state.up:
-            # Never open a country incident from a round the vantage could not trust.
-            found = [
-                i for i in found
-                if i["kind"] == KIND_VANTAGE_OFFLINE or self.lifecycle.get(str(i["id"]))
-            ]
-            if not detector_saw_it:
+        if outcome.control_total > 0:
+            found = [i for i in found if i["kind"] != KIND_VANTAGE_OFFLINE]
+            if not state.up:
                 if state.incident is None:
                     state.incident = vantage_incident(
                         self.config.vantage_name, state.since or outcome.time, None
                     )
                 found.append(state.incident)
-        elif state.incident is not None:
-            closed = {**state.incident, "end": format_time(outcome.time)}
-            state.incident = None
-            found.append(closed)
+            elif state.incident is not None:
+                found.append({**state.incident, "end": format_time(outcome.time)})
+                state.incident = None
+        vantage_down = not state.up or any(
+            i["kind"] == KIND_VANTAGE_OFFLINE and i.get("end") is None for i in found
+        )
+        if vantage_down:
+            # Never open a country incident from a round the vantage could not trust.
+            found = [
+                i for i in found
+                if i["kind"] == KIND_VANTAGE_OFFLINE or self.lifecycle.get(str(i["id"]))
+            ]
         return found
 
     def _announce(self, transitions: list[Transition]) -> None:

@@ -311,23 +311,57 @@ def third_round_count(frame: Any) -> int:
 @needs_root
 def test_no_network_at_all_is_a_vantage_outage_not_a_country_one(lab: Lab) -> None:
     async def scenario() -> None:
-        clock = VirtualClock(T0)
-        assert await daemon_for(lab, clock, max_rounds=NORMAL_ROUNDS).run() == 0
-        lab.unplug()
-        daemon = daemon_for(lab, clock)
-        async with running(daemon) as task:
-            await rounds_done(daemon, task, 4)
-            code, health = await get(daemon, "/healthz")
-            assert code == 200, health  # the daemon is fine; its vantage is not
-            _, status_text = await get(daemon, "/api/status")
-            status = yaml.safe_load(status_text)
-            assert status["vantage"]["up"] is False
-            assert status["vantage"]["control_up"] == 0 and status["vantage"]["control_total"] == 2
-            _, metrics = await get(daemon, "/metrics")
-            assert metric(metrics, "shutdown_monitor_vantage_up") == 0
-            _, body = await get(daemon, "/api/incidents")
-        incidents = yaml.safe_load(body)["incidents"]
-        assert [i["kind"] for i in incidents] == ["vantage_offline"]
-        assert incidents[0]["country"] == "ZZ" and incidents[0]["entity"] == "lab"
+        async with Receiver("/hook") as hook:
+            lab.sinks = {"webhook": {"url": hook.url + "/hook", "timeout_s": 2, "retries": 3}}
+            lab.write_config()
+            clock = VirtualClock(T0)
+            assert await daemon_for(lab, clock, max_rounds=NORMAL_ROUNDS).run() == 0
+            lab.unplug()
+            daemon = daemon_for(lab, clock)
+            async with running(daemon) as task:
+                await rounds_done(daemon, task, 4)
+                code, health = await get(daemon, "/healthz")
+                assert code == 200, health  # the daemon is fine; its vantage is not
+                _, status_text = await get(daemon, "/api/status")
+                status = yaml.safe_load(status_text)
+                assert status["vantage"]["up"] is False
+                assert status["vantage"]["control_up"] == 0
+                assert status["vantage"]["control_total"] == 2
+                _, metrics = await get(daemon, "/metrics")
+                assert metric(metrics, "shutdown_monitor_vantage_up") == 0
+                _, body = await get(daemon, "/api/incidents")
+                incidents = yaml.safe_load(body)["incidents"]
+                assert [i["kind"] for i in incidents] == ["vantage_offline"]
+                assert incidents[0]["country"] == "ZZ" and incidents[0]["entity"] == "lab"
+                assert incidents[0]["end"] is None
+
+                # The uplink comes back: the vantage incident closes, no country is blamed.
+                lab.plug()
+                seen = daemon.last.number
+                await rounds_done(daemon, task, seen + 4)
+                await asyncio.sleep(0.3)
+                assert daemon.status()["vantage"]["up"] is True
+            [vantage] = daemon.incidents()
+            assert vantage["kind"] == "vantage_offline" and vantage["end"] is not None
+            assert [(b["event"], b["incident"]["kind"]) for b in hook.bodies] == [
+                ("opened", "vantage_offline"), ("closed", "vantage_offline")]
 
     run_in_netns(lab.ns, scenario, timeout=180)
+
+
+@needs_root
+def test_shards_split_the_universe_without_overlap(lab: Lab) -> None:
+    async def scenario() -> list[int]:
+        totals = []
+        for index in range(2):
+            config = load_config(lab.config_path)
+            daemon = Daemon(config, VirtualClock(T0), listen="127.0.0.1:0", shard=(index, 2),
+                            max_rounds=1)
+            assert await daemon.run() == 0
+            counts = daemon.status()["countries"]["KZ"]["methods"]["icmp"]
+            assert counts["up"] == counts["total"]
+            totals.append(counts["total"])
+        return totals
+
+    totals = run_in_netns(lab.ns, scenario, timeout=60)
+    assert sum(totals) == 16 and all(0 < t < 16 for t in totals), totals
