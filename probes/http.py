@@ -13,6 +13,7 @@ import contextvars
 import socket
 import ssl
 import time
+import weakref
 from collections.abc import Collection, Iterable
 from importlib import metadata
 from types import SimpleNamespace
@@ -78,7 +79,7 @@ class BlockedAddressError(OSError):
 class _BlocklistResolver(AbstractResolver):
     """Resolves with aiohttp's default resolver, then drops blocklisted addresses."""
 
-    def __init__(self, blocklists: list[Blocklist]) -> None:
+    def __init__(self, blocklists: weakref.WeakSet[Blocklist]) -> None:
         self._inner = aiohttp.ThreadedResolver()
         self._blocklists = blocklists
 
@@ -173,7 +174,9 @@ class HttpProber:
         self.verify_tls = verify_tls
         self.max_redirects = max_redirects
         self.max_connections = max_connections
-        self._blocklists: list[Blocklist] = []
+        # Every live blocklist of the pacers this prober served (weak: a reloaded blocklist
+        # replaces the old one once nothing else holds it).
+        self._blocklists: weakref.WeakSet[Blocklist] = weakref.WeakSet()
         self._session: aiohttp.ClientSession | None = None
 
     def _ssl_context(self) -> ssl.SSLContext:
@@ -185,8 +188,7 @@ class HttpProber:
         return context
 
     def _session_for(self, blocklist: Blocklist) -> aiohttp.ClientSession:
-        if not any(b is blocklist for b in self._blocklists):
-            self._blocklists.append(blocklist)
+        self._blocklists.add(blocklist)
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(
                 limit=self.max_connections,
@@ -254,7 +256,7 @@ class HttpProber:
         elapsed = time.perf_counter() - start
         # The target answered if a TCP connection came up (even if TLS or HTTP then failed) or
         # if it refused or reset us; a timeout before connecting or an ICMP error proves nothing.
-        connected = "connect_end" in stamps
+        connected = "connect_end" in stamps or "tls_start" in stamps
         reachable = connected or failure in _TARGET_ANSWERED
         if error:
             details["error"] = error
@@ -365,7 +367,9 @@ def _url_for_address(target: Target) -> URL:
 
 
 def _first_answer_s(stamps: dict[str, float], start: float) -> float | None:
-    """Seconds from the start to the first sign of life (connection up), when known."""
+    """Seconds from the start to the first sign of life (TCP connection up), when known."""
+    if "tls_start" in stamps:
+        return round(stamps["tls_start"] - start, 6)
     if "connect_end" in stamps:
         return round(stamps["connect_end"] - start, 6)
     return None

@@ -233,6 +233,18 @@ async def test_raw_socket_scenarios(name: str, handler: object, failure: Failure
     assert result.failure is failure and result.reachable and not result.success
 
 
+async def test_tls_handshake_that_never_finishes_is_a_timeout_of_a_reachable_host() -> None:
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # takes the ClientHello, never answers
+        writer.close()
+
+    async with raw_tcp_server(hold) as port:
+        prober = HttpProber(contact_url=CONTACT, timeout_s=0.3)
+        [result] = await _probe(prober, [f"https://127.0.0.1:{port}/"])
+    assert result.failure is Failure.TIMEOUT and result.reachable
+    assert result.rtt_s is not None and result.rtt_s < 0.3
+
+
 async def test_refused_and_unresolvable() -> None:
     urls = [f"http://127.0.0.1:{free_port()}/", "http://no-such-host.invalid/"]
     refused, unresolved = await _probe(HttpProber(contact_url=CONTACT, timeout_s=2), urls)
