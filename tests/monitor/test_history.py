@@ -58,6 +58,7 @@ def as_frame(points: list[SeriesPoint]) -> pd.DataFrame:
 
 def same_points(actual: pd.DataFrame, expected: pd.DataFrame) -> None:
     keys = ["country", "scope", "entity", "signal", "time"]
+    actual = actual.astype({"country": str, "scope": str, "entity": str, "signal": str})
     left = actual.sort_values(keys).reset_index(drop=True)
     right = expected.sort_values(keys).reset_index(drop=True)
     pd.testing.assert_frame_equal(left, right, check_dtype=False)
@@ -71,6 +72,10 @@ def test_round_trip_spans_compaction_and_keeps_the_model(tmp_path: Path) -> None
     assert list(frame.columns) == list(COLUMNS)
     assert str(frame["time"].dtype) == "datetime64[ns, UTC]"
     assert frame["value"].dtype == "float64"
+    for name in ("country", "scope", "entity", "signal"):  # codes: what the detector reads
+        assert isinstance(frame[name].dtype, pd.CategoricalDtype)
+        assert all(isinstance(c, str) for c in frame[name].cat.categories)
+    assert (frame["entity"] == "9198").sum() == 2 * 360
     same_points(frame, as_frame(written))
     # Grouped by series, time ascending inside each series.
     for _, group in frame.groupby(["country", "scope", "entity", "signal"]):
