@@ -579,6 +579,9 @@ class _Engine:
         self.last_level = np.zeros(0)
         self.late_points = 0
         self.changed: dict[str, Incident] = {}
+        # detect_with_baselines(): (bins, measure rows, value, baseline) of one country's measures
+        self.trace_country: str | None = None
+        self.trace: list[tuple[I64, I64, F64, F64]] = []
 
     # -- structure -----------------------------------------------------------------------
     def _groups(self) -> _Groups:
@@ -670,6 +673,11 @@ class _Engine:
         has_total = np.isfinite(total)
         with np.errstate(invalid="ignore", divide="ignore"):
             value = np.where(has_total, np.where(total > 0, up / total, np.nan), up)
+        if self.trace_country is not None:
+            rows = np.asarray([i for i, m in enumerate(self.registry.measures)
+                               if m.country == self.trace_country], dtype=np.int64)
+            self.trace.append((bins.copy(), rows, value[rows], base[rows]))
+        with np.errstate(invalid="ignore", divide="ignore"):
             level = np.where(base > 0, value / base, np.nan)
             upper = level + cfg.noise_z * noise
             wilson = _wilson_upper(up, total, cfg.confidence_z) / base
@@ -996,6 +1004,39 @@ def detect(frame: pd.DataFrame, *, now: datetime | None = None,
     engine = _Engine(cfg, bin_seconds)
     _feed_frame(engine, frame)
     return engine.incidents()
+
+
+def detect_with_baselines(frame: pd.DataFrame, country: str, *, now: datetime | None = None,
+                          config: DetectorConfig | None = None,
+                          ) -> tuple[list[Incident], pd.DataFrame]:
+    """detect(), plus what the detector compared against for every measure of `country`.
+
+    The frame has columns time, scope, entity, signal, value, baseline: `value` is up/total for
+    counts (a fraction), else the raw value; `baseline` is the detector's expectation for that
+    bin (time-of-day median of clean history, or the warm-up mean). For reports and charts.
+    """
+    cfg = config or DetectorConfig()
+    frame = _window(frame, now)
+    columns = ["time", "scope", "entity", "signal", "value", "baseline"]
+    if frame.empty:
+        return [], pd.DataFrame(columns=columns)
+    bin_seconds = cfg.bin_seconds or infer_bin_seconds(_time_seconds(frame["time"]))
+    engine = _Engine(cfg, bin_seconds)
+    engine.trace_country = country
+    _feed_frame(engine, frame)
+    trace = [t for t in engine.trace if len(t[1])]
+    if not trace:
+        return engine.incidents(), pd.DataFrame(columns=columns)
+    bins = np.concatenate([np.tile(b, len(r)) for b, r, _, _ in trace])
+    rows = np.concatenate([np.repeat(r, len(b)) for b, r, _, _ in trace])
+    names = np.asarray([(m.scope, m.entity, m.signal) for m in engine.registry.measures],
+                       dtype=object)[rows]
+    traced = pd.DataFrame({
+        "time": pd.to_datetime(bins * bin_seconds, unit="s", utc=True),
+        "scope": names[:, 0], "entity": names[:, 1], "signal": names[:, 2],
+        "value": np.concatenate([v.ravel() for _, _, v, _ in trace]),
+        "baseline": np.concatenate([b.ravel() for _, _, _, b in trace])})
+    return engine.incidents(), traced
 
 
 class LiveDetector:
