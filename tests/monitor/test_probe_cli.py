@@ -16,11 +16,11 @@ import dns.rcode
 import pytest
 from aiohttp import web
 from click.testing import CliRunner, Result
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from monitor.cli import cli
-from monitor.commands.probe import TargetSyntax, split_host_port
+from monitor.commands.probe import TargetSyntax, read_targets_file, split_host_port
 from probes.base import DnsQuery, Target
 from tests.probes.servers import DnsBehaviour, DnsResponder, free_port, http_app, raw_tcp_server
 
@@ -273,6 +273,8 @@ async def test_the_installed_command_as_a_subprocess() -> None:
 # --- hypothesis: the target syntax -----------------------------------------------------------
 
 ports = st.integers(1, 65535)
+# Anything but line breaks (str.splitlines() breaks on all of these).
+comment_chars = st.characters(blacklist_characters="\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
 hostnames = st.from_regex(
     r"[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?(\.[a-z0-9]{1,10}){0,3}", fullmatch=True
 )
@@ -311,3 +313,30 @@ def test_dns_targets_carry_the_query(address: Any, port: int | None) -> None:
     text = str(address) if port is None else f"{address}:{port}"
     target = TargetSyntax("dns", query).parse(text)
     assert target == Target(str(address), port, query=query)
+
+
+@settings(max_examples=50, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    entries=st.lists(
+        st.tuples(
+            st.ip_addresses(v=4).map(str),
+            st.none() | ports,
+            st.sampled_from(["", "  ", "\t"]),
+            st.none() | st.text(comment_chars, max_size=10),
+        ),
+        max_size=8,
+    ),
+    blank_lines=st.integers(0, 2),
+)
+def test_targets_file_parses_every_line_skipping_comments(
+    tmp_path: Path, entries: list[tuple[str, int | None, str, str | None]], blank_lines: int
+) -> None:
+    lines = ["# header comment", *[""] * blank_lines]
+    expected = []
+    for address, port, pad, comment in entries:
+        text = address if port is None else f"{address}:{port}"
+        lines.append(pad + text + pad + ("" if comment is None else f" # {comment}"))
+        expected.append(Target(address, port))
+    path = tmp_path / "targets.txt"
+    path.write_text("\n".join(lines) + "\n")
+    assert read_targets_file(path, TargetSyntax("tcp")) == expected
