@@ -29,7 +29,6 @@ from monitor.detect import DetectorConfig, LiveDetector
 from monitor.errors import ConfigError, MonitorError, StoreError
 from monitor.export import MetricsState, make_registry, render_metrics
 from monitor.history import HistoryStore
-from monitor.hitlist import Hitlist
 from monitor.incidents import (
     KIND_VANTAGE_OFFLINE,
     IncidentLifecycle,
@@ -37,11 +36,11 @@ from monitor.incidents import (
     format_time,
     vantage_incident,
 )
-from monitor.rounds import RoundOutcome, RoundSettings, run_round
+from monitor.round_driver import ConfiguredRoundDriver
+from monitor.rounds import RoundOutcome
 from monitor.series import SIGNAL_VANTAGE_UP, SeriesPoint
 from monitor.sinks import AlertmanagerSink, WebhookSink
-from monitor.targets import Universe, load_universe
-from probes import PROBERS, Prober, ProbeSetupError
+from probes.base import ProbeSetupError
 
 log = logging.getLogger(__name__)
 
@@ -61,82 +60,10 @@ class RoundDriver(Protocol):
 
 
 class RoundDriverFactory(Protocol):
-    def __call__(self, config: Config) -> RoundDriver: ...
+    """Builds the driver for a config (at start and at every reload); monitor/round_driver.py's
+    `ConfiguredRoundDriver` by default."""
 
-
-class ConfiguredRoundDriver:
-    """Rounds over the universe a config describes, with the probers, pacer and hitlists it
-    names. Building it loads prefixes, ASNs and hitlists, so a bad file fails here (at start,
-    or at a reload, which then keeps the old driver)."""
-
-    HITLIST_SAVE_EVERY_S: Final = 600.0
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.universe = load_universe(config)
-        self.pacer = config.pacing.pacer()
-        self.settings = RoundSettings(
-            reprobes=config.probing.reprobes,
-            discovery_per_round=config.probing.discovery_per_round,
-            discovery_budget=config.probing.discovery_budget,
-        )
-        self.hitlists = {
-            c.code: Hitlist.load(config.hitlist_path(c.code)) for c in self.universe.countries
-        }
-        self.probers = make_probers(config, used_methods(self.universe))
-        self._last_save = time.monotonic()
-
-    async def run(self, now: datetime) -> RoundOutcome:
-        outcome = await run_round(
-            self.universe, self.probers, self.pacer, now,
-            hitlists=self.hitlists, vantage=self.config.vantage_name, settings=self.settings,
-        )
-        if time.monotonic() - self._last_save >= self.HITLIST_SAVE_EVERY_S:
-            self.save_hitlists()
-        return outcome
-
-    def save_hitlists(self) -> None:
-        self._last_save = time.monotonic()
-        for code, hitlist in self.hitlists.items():
-            if hitlist.dirty:
-                try:
-                    hitlist.save(self.config.hitlist_path(code))
-                except OSError as exc:
-                    log.error("hitlist %s: cannot save: %s", code, exc)
-
-    async def close(self) -> None:
-        self.save_hitlists()
-        for prober in self.probers.values():
-            try:
-                await prober.close()
-            except Exception:
-                log.exception("closing the %s prober", prober.method)
-
-
-def used_methods(universe: Universe) -> set[str]:
-    methods = {m for c in universe.countries for m in c.methods if len(c.blocks)}
-    methods |= {e.method for c in universe.countries for e in c.endpoints}
-    methods |= {e.method for e in universe.control}
-    return methods
-
-
-def make_probers(config: Config, methods: Iterable[str]) -> dict[str, Prober]:
-    """One prober per method in use. A method that cannot run here (e.g. no permission for ICMP
-    sockets) is logged and left out: the round skips its targets rather than the daemon dying."""
-    timeout = config.probing.timeout_s
-    options: dict[str, dict[str, Any]] = {
-        "icmp": {"timeout_s": timeout},
-        "tcp": {"ports": config.probing.tcp_ports, "timeout_s": timeout},
-        "http": {"timeout_s": timeout, "contact_url": config.contact_url},
-        "dns": {"timeout_s": timeout},
-    }
-    probers: dict[str, Prober] = {}
-    for method in sorted(methods):
-        try:
-            probers[method] = PROBERS[method](**options.get(method, {}))
-        except (KeyError, ProbeSetupError, OSError) as exc:
-            log.error("%s probes disabled: %s", method, exc)
-    return probers
+    def __call__(self, config: Config, shard: tuple[int, int] | None) -> RoundDriver: ...
 
 
 @dataclass(slots=True)
@@ -189,8 +116,10 @@ class Daemon:
         self.clock = clock
         self.config_path = Path(config_path) if config_path is not None else None
         self.listen = listen or config.listen
-        self.shard = shard if shard is not None else config.shard
-        self.config = dataclasses.replace(config, shard=self.shard)
+        self.shard_override = shard  # --shard wins over the file's `shard`, also on reload
+        if shard is not None:
+            config = dataclasses.replace(config, shard=shard)
+        self.config = config
         self.max_rounds = max_rounds
         self.stop_grace_s = stop_grace_s
         self._driver_factory = round_driver_factory or ConfiguredRoundDriver
@@ -261,7 +190,7 @@ class Daemon:
         self._restore_state()
         self._detector = self._make_detector(self.config)
         self._prime_detector()
-        self._driver = self._driver_factory(self.config)
+        self._driver = self._driver_factory(self.config, self.config.shard)
         await self._start_sinks(self.config)
         self.api = ApiServer(self, self.listen)
         await self.api.start()
@@ -598,12 +527,12 @@ class Daemon:
             return
         try:
             config = load_config(self.config_path)
-            if self.shard is not None:
-                config = dataclasses.replace(config, shard=self.shard)
-            driver = self._driver_factory(config)
+            if self.shard_override is not None:
+                config = dataclasses.replace(config, shard=self.shard_override)
+            driver = self._driver_factory(config, config.shard)
             detector = self._make_detector(config) if config.detector != self.config.detector \
                 else None
-        except (ConfigError, MonitorError, OSError, ValueError) as exc:
+        except (ConfigError, MonitorError, ProbeSetupError, OSError, ValueError) as exc:
             self.reload_errors += 1
             self.last_reload_error = str(exc)
             self.metrics.record_reload(False)

@@ -12,6 +12,7 @@ import click
 from monitor.clock import Clock, RealClock, VirtualClock, parse_utc
 from monitor.config import load_config, parse_shard
 from monitor.errors import ConfigError, MonitorError
+from probes.base import ProbeSetupError
 
 
 def _shard(
@@ -79,7 +80,7 @@ def run_command(
                     max_rounds=rounds)
     try:
         status = asyncio.run(daemon.run())
-    except MonitorError as exc:
+    except (MonitorError, ProbeSetupError) as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
         # Typically the listen address is taken.
