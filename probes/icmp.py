@@ -526,7 +526,11 @@ class IcmpProber:
             seq, packet = endpoint.next_packet()
             started_at = wall()
             sent_mono = monotonic()
-            error = await self._send(endpoint, packet, key_address)
+            try:
+                endpoint.sock.sendto(packet, (key_address, 0))
+                error = None
+            except OSError:  # a full buffer, or a route error: the slow path sorts it out
+                error = await self._send(endpoint, packet, key_address)
             if error is not None:
                 pacer.release_slot()
                 stats.send_errors += 1

@@ -1,0 +1,459 @@
+"""Probe-engine benchmark: our ICMP, TCP and HTTP probers against prometheus-blackbox-exporter.
+
+Everything runs inside a network namespace this script creates (root needed): 10.0.0.0/8 is an
+AnyIP local route there, so every address answers ICMP, and a small C responder
+(benchmarks/probe_engine/responder.c, compiled with gcc on the fly) listening on 0.0.0.0:80
+accepts TCP and answers HTTP for every address. blackbox_exporter runs in the same namespace on
+127.0.0.1 and is driven through its /probe endpoint by a lean keep-alive HTTP client at several
+concurrencies (the best is kept). Both engines are measured in ONE run, side by side:
+probes/s, CPU seconds per 1,000 probes, peak RSS, and false loss (targets that answer but were
+reported down). Nothing leaves the namespace.
+
+    python3 benchmarks/probe_engine.py            # full run (a few minutes)
+    python3 benchmarks/probe_engine.py --quick    # smaller counts, for a smoke test
+
+Prints a Markdown report (also written to --output when given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import ipaddress
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from probes.base import ProbeResult, Target  # noqa: E402
+from probes.http import HttpProber  # noqa: E402
+from probes.icmp import IcmpProber  # noqa: E402
+from probes.pacing import Pacer, PacingPolicy  # noqa: E402
+from probes.tcp import TcpProber  # noqa: E402
+from tests.netns import Netns, run_in_netns  # noqa: E402
+
+BLACKBOX = "/usr/bin/prometheus-blackbox-exporter"
+BLACKBOX_PORT = 9115
+RESPONDER_SOURCE = Path(__file__).resolve().parent / "probe_engine" / "responder.c"
+# The /16 every engine probes (inside 10.0.0.0/8, the namespace's AnyIP route).
+SWEEP = ipaddress.ip_network("10.77.0.0/16")
+BLACKBOX_MODULES = {"icmp": "icmp", "tcp": "tcp_connect", "http": "http_2xx"}
+BLACKBOX_CONFIG = """
+modules:
+  icmp:
+    prober: icmp
+    timeout: 2s
+    icmp: {preferred_ip_protocol: ip4, ip_protocol_fallback: false}
+  tcp_connect:
+    prober: tcp
+    timeout: 2s
+    tcp: {preferred_ip_protocol: ip4, ip_protocol_fallback: false}
+  http_2xx:
+    prober: http
+    timeout: 2s
+    http: {preferred_ip_protocol: ip4, ip_protocol_fallback: false}
+"""
+GOALS = {"icmp": 30.0, "tcp": 5.0, "http": 2.0}  # ours / blackbox probes/s
+
+
+@dataclass
+class Measurement:
+    method: str
+    engine: str
+    concurrency: int
+    probes: int
+    seconds: float
+    cpu_s: float
+    peak_rss_mb: float
+    false_loss: int
+    note: str = ""
+
+    @property
+    def rate(self) -> float:
+        return self.probes / self.seconds
+
+    @property
+    def cpu_per_1000(self) -> float:
+        return self.cpu_s / self.probes * 1000
+
+
+def sweep_addresses(count: int) -> Iterator[str]:
+    """Addresses of the /16 one /24 after another in turn (like a polite scan), cycling."""
+    base = int(SWEEP.network_address)
+    for i in range(count):
+        block, host = i % 256, 1 + (i // 256) % 254
+        yield str(ipaddress.IPv4Address(base + block * 256 + host))
+
+
+# -- process accounting ---------------------------------------------------------------------
+
+
+def reset_peak_rss(pid: int | str = "self") -> None:
+    """Writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+def peak_rss_mb(pid: int | str = "self") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# -- our engine -----------------------------------------------------------------------------
+
+
+def make_prober(method: str) -> Any:
+    if method == "icmp":
+        return IcmpProber(timeout_s=2.0)
+    if method == "tcp":
+        return TcpProber(ports=(80,), timeout_s=2.0)
+    return HttpProber(timeout_s=2.0, contact_url="http://127.0.0.1/benchmark-contact")
+
+
+def measure_ours(
+    ns: Netns, method: str, count: int, concurrency: int, rate_pps: float | None = None
+) -> Measurement:
+    targets = [Target(a) for a in sweep_addresses(min(count, 65536))]
+
+    async def run() -> Measurement:
+        prober = make_prober(method)
+        policy = PacingPolicy(
+            rate_pps=rate_pps, max_in_flight=concurrency, per_block_pps=None, burst_s=0.005
+        )
+        down = 0
+
+        def sink(result: ProbeResult) -> None:
+            nonlocal down
+            if not result.success:
+                down += 1
+
+        stream = (targets[i % len(targets)] for i in range(count))
+        reset_peak_rss()
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        await prober.probe_many(stream, Pacer(policy), sink)
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        await prober.close()
+        note = f"rate cap {rate_pps:.0f}/s" if rate_pps else ""
+        return Measurement(
+            method, "ours", concurrency, count, seconds, cpu, peak_rss_mb(), down, note
+        )
+
+    return run_in_netns(ns, run, timeout=600)
+
+
+def best_ours(ns: Netns, method: str, count: int, levels: list[int]) -> Measurement:
+    trials = [measure_ours(ns, method, max(count // 5, 500), c) for c in levels]
+    best = max(trials, key=lambda m: m.rate).concurrency
+    return measure_ours(ns, method, count, best)
+
+
+# -- blackbox_exporter ----------------------------------------------------------------------
+
+
+class _KeepAlive(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection to blackbox_exporter, one request at a time."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.waiter: asyncio.Future[bytes] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0 or self.waiter is None:
+            return
+        head = bytes(self.buffer[:end]).lower()
+        if b"transfer-encoding: chunked" in head:
+            if not self.buffer.endswith(b"\r\n0\r\n\r\n"):
+                return
+            total = len(self.buffer)
+        else:
+            length_at = head.find(b"content-length:")
+            length = int(head[length_at + 15 :].split(b"\r\n", 1)[0]) if length_at >= 0 else 0
+            total = end + 4 + length
+            if len(self.buffer) < total:
+                return
+        body = bytes(self.buffer[end + 4 : total])
+        del self.buffer[:total]
+        waiter, self.waiter = self.waiter, None
+        if not waiter.done():
+            waiter.set_result(body)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(ConnectionError("blackbox_exporter closed the connection"))
+
+    async def get(self, path: str) -> bytes:
+        assert self.transport is not None
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            "X-Prometheus-Scrape-Timeout-Seconds: 10\r\n\r\n".encode()
+        )
+        return await self.waiter
+
+
+def blackbox_path(method: str, address: str) -> str:
+    target = {"http": f"http://{address}/", "tcp": f"{address}:80"}.get(method, address)
+    query = urllib.parse.urlencode({"module": BLACKBOX_MODULES[method], "target": target})
+    return f"/probe?{query}"
+
+
+def measure_blackbox(
+    ns: Netns, pid: int, method: str, count: int, concurrency: int
+) -> Measurement:
+    paths = [blackbox_path(method, a) for a in sweep_addresses(min(count, 65536))]
+
+    async def run() -> Measurement:
+        loop = asyncio.get_running_loop()
+        connections = []
+        for _ in range(concurrency):
+            _transport, protocol = await loop.create_connection(
+                _KeepAlive, "127.0.0.1", BLACKBOX_PORT
+            )
+            connections.append(protocol)
+        work = iter(range(count))
+        down = 0
+
+        async def worker(connection: _KeepAlive) -> None:
+            nonlocal down
+            for i in work:
+                body = await connection.get(paths[i % len(paths)])
+                if b"\nprobe_success 1" not in body:
+                    down += 1
+
+        reset_peak_rss(pid)
+        bb_cpu0, driver_cpu0 = cpu_seconds(pid), time.process_time()
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(c) for c in connections))
+        seconds = time.perf_counter() - t0
+        bb_cpu = cpu_seconds(pid) - bb_cpu0
+        driver_cpu = time.process_time() - driver_cpu0
+        for connection in connections:
+            if connection.transport is not None:
+                connection.transport.close()
+        note = f"driver CPU {driver_cpu / count * 1000:.3f} s/1000 (not counted)"
+        return Measurement(
+            method, "blackbox", concurrency, count, seconds, bb_cpu, peak_rss_mb(pid), down, note
+        )
+
+    return run_in_netns(ns, run, timeout=900)
+
+
+def best_blackbox(ns: Netns, pid: int, method: str, count: int, levels: list[int]) -> Measurement:
+    trials = [measure_blackbox(ns, pid, method, max(count // 5, 300), c) for c in levels]
+    for trial in trials:
+        print(f"  blackbox {method} c={trial.concurrency}: {trial.rate:.0f}/s", file=sys.stderr)
+    best = max(trials, key=lambda m: m.rate).concurrency
+    return measure_blackbox(ns, pid, method, count, best)
+
+
+# -- the namespace and its servers ------------------------------------------------------------
+
+
+def prepare(ns: Netns) -> None:
+    ns.sysctl("net.ipv4.ping_group_range", "0 2147483647")
+    ns.sysctl("net.core.somaxconn", "65535")
+    ns.sysctl("net.ipv4.tcp_max_syn_backlog", "65535")
+    ns.sysctl("net.ipv4.tcp_tw_reuse", "1")
+    ns.sysctl("net.ipv4.ip_local_port_range", "1024 65535")
+    ns.exec("ip", "route", "add", "local", "10.0.0.0/8", "dev", "lo")
+
+
+def start_in_ns(ns: Netns, *argv: str) -> subprocess.Popen[str]:
+    # `ip netns exec` execs the program, so the Popen pid is the program's own pid.
+    return subprocess.Popen(
+        ["ip", "netns", "exec", ns.name, *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+
+
+def wait_for_port(ns: Netns, port: int) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        probe = ns.exec("bash", "-c", f"exec 3<>/dev/tcp/127.0.0.1/{port}", check=False)
+        if probe.returncode == 0:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} in {ns.name} after 10 s")
+
+
+def memory_child(count: int) -> None:
+    """Run inside the namespace (own process): hold `count` targets in a list, probe them all."""
+
+    async def run() -> dict[str, Any]:
+        base = int(ipaddress.ip_address("10.1.0.1"))
+        targets = [Target(str(ipaddress.IPv4Address(base + i))) for i in range(count)]
+        held_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        prober = IcmpProber(timeout_s=2.0)
+        policy = PacingPolicy(rate_pps=None, max_in_flight=65536, per_block_pps=None)
+        down = 0
+
+        def sink(result: ProbeResult) -> None:
+            nonlocal down
+            down += not result.success
+
+        t0 = time.perf_counter()
+        await prober.probe_many(targets, Pacer(policy), sink)
+        seconds = time.perf_counter() - t0
+        await prober.close()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return {"count": count, "seconds": seconds, "down": down, "held_mb": held_mb,
+                "peak_mb": peak}  # fmt: skip
+
+    print(json.dumps(asyncio.run(run())))
+
+
+# -- report -----------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()[:10]
+    nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
+    load = Path("/proc/loadavg").read_text().split()[:3]
+    return f"nproc = {nproc}, load average {' '.join(load)} at the end\n\n```\n" + "\n".join(
+        lscpu
+    ) + "\n```"
+
+
+def report(
+    rows: list[Measurement], capped: Measurement, memory: dict[str, Any], quick: bool
+) -> str:
+    lines = [
+        "| method | engine | concurrency | probes | probes/s | CPU s / 1000 probes "
+        "| peak RSS MB | false loss | note |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in [*rows, capped]:
+        lines.append(
+            f"| {m.method} | {m.engine} | {m.concurrency} | {m.probes} | {m.rate:,.0f} "
+            f"| {m.cpu_per_1000:.3f} | {m.peak_rss_mb:.1f} | {m.false_loss} | {m.note} |"
+        )
+    lines += ["", "| method | ours / blackbox probes/s | goal | blackbox / ours CPU per probe |",
+              "|---|---|---|---|"]  # fmt: skip
+    by = {(m.method, m.engine): m for m in rows}
+    for method, goal in GOALS.items():
+        ours, theirs = by[(method, "ours")], by[(method, "blackbox")]
+        ratio = ours.rate / theirs.rate
+        verdict = "met" if ratio >= goal else "NOT met"
+        cpu_ratio = theirs.cpu_per_1000 / ours.cpu_per_1000
+        lines.append(f"| {method} | {ratio:.1f}x | >= {goal:.0f}x ({verdict}) | {cpu_ratio:.1f}x |")
+    icmp = by[("icmp", "ours")]
+    lines += [
+        "",
+        f"- ICMP, ours: {icmp.rate:,.0f} probes/s (goal >= 50,000: "
+        f"{'met' if icmp.rate >= 50000 else 'NOT met'}).",
+        f"- ICMP at a {capped.note}: achieved {capped.rate:,.0f} probes/s, false loss "
+        f"{capped.false_loss} of {capped.probes} (goal 0: "
+        f"{'met' if capped.false_loss == 0 else 'NOT met'}).",
+        f"- {memory['count']:,} targets held in a list and all probed (ICMP): peak RSS "
+        f"{memory['peak_mb']:.0f} MB (the list alone: {memory['held_mb']:.0f} MB), "
+        f"{memory['count'] / memory['seconds']:,.0f} probes/s, {memory['down']} down "
+        f"(goal < 300 MB: {'met' if memory['peak_mb'] < 300 else 'NOT met'}).",
+    ]
+    mode = "--quick" if quick else ""
+    head = (
+        f"Command: `python3 benchmarks/probe_engine.py {mode}`".rstrip()
+        + f", {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC.\n\n"
+        + machine()
+        + "\n\n"
+    )
+    return head + "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small counts, a smoke test")
+    parser.add_argument("--output", type=Path, help="also write the Markdown report here")
+    parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(args.memory_child)
+        return
+    if os.geteuid() != 0:
+        sys.exit("probe_engine.py: needs root (network namespaces, raw sockets)")
+    for tool in (BLACKBOX, "gcc"):
+        if shutil.which(tool) is None:
+            sys.exit(f"probe_engine.py: {tool} not found (apt-get install "
+                     "prometheus-blackbox-exporter gcc)")  # fmt: skip
+    scale = 0.1 if args.quick else 1.0
+    counts = {
+        "ours": {"icmp": 300_000, "tcp": 40_000, "http": 15_000},
+        "blackbox": {"icmp": 20_000, "tcp": 20_000, "http": 10_000},
+    }
+    ours_levels = {"icmp": [65536], "tcp": [256, 1024], "http": [64, 256]}
+    blackbox_levels = [16, 64, 256]
+    with tempfile.TemporaryDirectory() as tmp, Netns("bench") as ns:
+        prepare(ns)
+        responder = Path(tmp) / "responder"
+        subprocess.run(["gcc", "-O2", "-o", str(responder), str(RESPONDER_SOURCE)], check=True)
+        config = Path(tmp) / "blackbox.yml"
+        config.write_text(BLACKBOX_CONFIG)
+        servers = [
+            start_in_ns(ns, str(responder), "80"),
+            start_in_ns(ns, BLACKBOX, f"--config.file={config}",
+                        f"--web.listen-address=127.0.0.1:{BLACKBOX_PORT}", "--log.level=error"),
+        ]  # fmt: skip
+        try:
+            wait_for_port(ns, 80)
+            wait_for_port(ns, BLACKBOX_PORT)
+            blackbox_pid = servers[1].pid
+            rows: list[Measurement] = []
+            for method in ("icmp", "tcp", "http"):
+                print(f"{method}: ours", file=sys.stderr)
+                ours = best_ours(
+                    ns, method, int(counts["ours"][method] * scale), ours_levels[method]
+                )
+                rows.append(ours)
+                print(f"  {ours.rate:,.0f}/s", file=sys.stderr)
+                print(f"{method}: blackbox", file=sys.stderr)
+                theirs = best_blackbox(
+                    ns, blackbox_pid, method, int(counts["blackbox"][method] * scale),
+                    blackbox_levels,
+                )  # fmt: skip
+                rows.append(theirs)
+                print(f"  {theirs.rate:,.0f}/s", file=sys.stderr)
+            print("icmp at 20,000/s", file=sys.stderr)
+            capped = measure_ours(ns, "icmp", int(200_000 * scale), 65536, rate_pps=20_000)
+            print(f"{1_000_000 if not args.quick else 100_000} queued targets", file=sys.stderr)
+            child = ns.exec(sys.executable, str(Path(__file__).resolve()), "--memory-child",
+                            str(100_000 if args.quick else 1_000_000))  # fmt: skip
+            memory = json.loads(child.stdout)
+        finally:
+            for server in servers:
+                server.kill()
+                server.wait()
+    text = report(rows, capped, memory, args.quick)
+    print(text)
+    if args.output:
+        args.output.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
