@@ -348,9 +348,23 @@ async def run_round(
             control_rounds.append(control_round)
             jobs.append((prober, control_round))
 
+    failed: set[int] = set()  # ids of jobs whose prober raised: their counts would lie
+
+    async def run_job(prober: Prober, job: _BlockRound | _EndpointRound) -> None:
+        try:
+            await job.run(prober, pacer)
+        except Exception:
+            # One broken prober must not cost the other methods their round; its own targets
+            # are left out (not counted as down).
+            failed.add(id(job))
+            log.exception("round: the %s prober failed; its targets are not counted", prober.method)
+
     async with asyncio.TaskGroup() as group:
         for prober, job in jobs:
-            group.create_task(job.run(prober, pacer))
+            group.create_task(run_job(prober, job))
+    block_rounds = [job for job in block_rounds if id(job) not in failed]
+    endpoint_rounds = [(code, job) for code, job in endpoint_rounds if id(job) not in failed]
+    control_rounds = [job for job in control_rounds if id(job) not in failed]
 
     outcome = RoundOutcome(time=now, duration_s=0.0, probes=tally.probes, rtts=tally.rtts)
     for block_round in block_rounds:

@@ -300,3 +300,20 @@ def test_configured_driver_probes_blocks_and_services_and_saves_the_hitlist(
     saved = Hitlist.load(tmp_path / "hitlists" / "KZ.csv")
     assert saved.known_blocks() == 3
     assert saved.tried(parse_block("10.80.3.0")) == 4  # 2 per round, no answer
+
+
+@needs_root
+def test_a_failing_prober_costs_only_its_own_targets(lab: Netns) -> None:
+    async def scenario() -> RoundOutcome:
+        icmp = IcmpProber(timeout_s=0.5)
+        await icmp.close()  # a closed prober refuses to probe: a real setup error
+        tcp = TcpProber(ports=(80,), timeout_s=0.5)
+        return await run_round(lab_universe(), {"icmp": icmp, "tcp": tcp}, lab_pacer(), NOW,
+                               hitlists={"KZ": seeded_hitlist()},
+                               settings=RoundSettings(reprobes=0))
+
+    outcome = run_in_netns(lab, scenario)
+    signals = {p.signal for p in outcome.points}
+    assert "icmp_blocks_total" not in signals and "icmp_blocks_up" not in signals
+    assert value(outcome, "country", "KZ", "tcp_up") == 1  # the TCP part still counted
+    assert outcome.control_total == 0 and outcome.vantage_up  # control is ICMP: no verdict
