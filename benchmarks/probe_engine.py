@@ -169,6 +169,19 @@ def best_ours(ns: Netns, method: str, count: int, levels: list[int]) -> Measurem
 # -- blackbox_exporter ----------------------------------------------------------------------
 
 
+def dechunk(data: bytes) -> bytes:
+    """The body of a complete chunked transfer (chunk boundaries may split any line)."""
+    body = bytearray()
+    at = 0
+    while True:
+        line_end = data.index(b"\r\n", at)
+        size = int(data[at:line_end].split(b";", 1)[0], 16)
+        if size == 0:
+            return bytes(body)
+        body += data[line_end + 2 : line_end + 2 + size]
+        at = line_end + 2 + size + 2
+
+
 class _KeepAlive(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection to blackbox_exporter, one request at a time."""
 
@@ -191,13 +204,14 @@ class _KeepAlive(asyncio.Protocol):
             if not self.buffer.endswith(b"\r\n0\r\n\r\n"):
                 return
             total = len(self.buffer)
+            body = dechunk(bytes(self.buffer[end + 4 : total]))
         else:
             length_at = head.find(b"content-length:")
             length = int(head[length_at + 15 :].split(b"\r\n", 1)[0]) if length_at >= 0 else 0
             total = end + 4 + length
             if len(self.buffer) < total:
                 return
-        body = bytes(self.buffer[end + 4 : total])
+            body = bytes(self.buffer[end + 4 : total])
         del self.buffer[:total]
         waiter, self.waiter = self.waiter, None
         if not waiter.done():
@@ -245,6 +259,9 @@ def measure_blackbox(
                 body = await connection.get(paths[i % len(paths)])
                 if b"\nprobe_success 1" not in body:
                     down += 1
+                    if down == 1:  # one sample, so a false loss can be explained
+                        failed = [x for x in body.split(b"\n") if b"probe_" in x and b"#" not in x]
+                        print(f"  blackbox {method} down: {failed!r}", file=sys.stderr)
 
         reset_peak_rss(pid)
         bb_cpu0, driver_cpu0 = cpu_seconds(pid), time.process_time()
@@ -408,7 +425,7 @@ def main() -> None:
         "blackbox": {"icmp": 20_000, "tcp": 20_000, "http": 10_000},
     }
     ours_levels = {"icmp": [65536], "tcp": [256, 1024], "http": [64, 256]}
-    blackbox_levels = [16, 64, 256]
+    blackbox_levels = [8, 32, 128, 512]
     with tempfile.TemporaryDirectory() as tmp, Netns("bench") as ns:
         prepare(ns)
         responder = Path(tmp) / "responder"

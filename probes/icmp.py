@@ -491,6 +491,8 @@ class IcmpProber:
         stats = self.stats
         timeout = self.timeout_s
         is_blocked = pacer.is_blocked
+        # Blocklists are immutable: with an empty one, skip the per-target lookup.
+        has_blocklist = len(pacer.blocklist) > 0
         reserve = pacer.reserve
         acquire_slot = pacer.acquire_slot
         monotonic = time.monotonic
@@ -502,7 +504,7 @@ class IcmpProber:
             if call.error is not None:
                 return
             address = target.address
-            if is_blocked(address):
+            if has_blocklist and is_blocked(address):
                 stats.blocked += 1
                 self._deliver_now(call, blocked_result(target, METHOD, wall()))
                 continue
