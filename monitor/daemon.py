@@ -481,7 +481,8 @@ class Daemon:
 
     def _prime_detector(self) -> None:
         assert self._store is not None and self._detector is not None
-        since = self.clock.now() - self._store.retention
+        since = self.clock.now() - min(self._store.retention,
+                                       prime_window(self._detector.config))
         try:
             frame = self._store.read_frame(since=since)
         except StoreError as exc:
@@ -622,6 +623,15 @@ class Daemon:
             "countries": country_status(outcome, self.last.levels),
             "open_incidents": len(self.lifecycle.open_incidents()),
         }
+
+
+def prime_window(config: DetectorConfig) -> timedelta:
+    """How much history the detector's baselines look at (plus a day), so a start reads no more
+    of the store than that."""
+    days = config.baseline_days
+    if config.weekly_min_weeks > 0:
+        days = max(days, 7 * config.baseline_weeks)
+    return timedelta(days=days + 1, seconds=config.flap_merge_seconds)
 
 
 def country_status(
