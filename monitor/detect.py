@@ -93,6 +93,10 @@ class DetectorConfig:
     """How many times a measure's own recent noise (relative, robust) a drop must exceed."""
     initial_noise: float = 0.1
     """Relative noise assumed until a measure has a day of residuals to estimate its own."""
+    pool_bins: int = 3
+    """Counts of this many consecutive bins are also judged pooled (tiny networks)."""
+    pool_z: float = 3.09
+    """z of the Wilson bound on the pooled counts (stricter: many overlapping windows)."""
     majority: float = 0.5
     """Size-weighted share of a country's networks that must be down for a nationwide incident."""
     vantage_down_below: float = 0.5
@@ -370,12 +374,14 @@ class _Baselines:
         return np.asarray(picked, dtype=np.float64)
 
     def noise(self, day: int) -> F64:
+        """Median over recent days of each day's mean residual statistic; NaN without history.
+
+        For counts it is the dispersion (observed variance / binomial variance), otherwise the
+        mean absolute relative residual."""
         rows = self._rows(day, range(1, self.cfg.baseline_days + 1))
         if not rows:
-            return np.full(self.n, self.cfg.initial_noise)
-        # mean absolute relative residual -> sigma (x1.25 for a normal distribution)
-        out = _quiet_nanmedian(self.noise_hist[:, rows].astype(np.float64), axis=1) * 1.25
-        return np.nan_to_num(out, nan=self.cfg.initial_noise)
+            return np.full(self.n, np.nan)
+        return _quiet_nanmedian(self.noise_hist[:, rows].astype(np.float64), axis=1)
 
     def warm(self) -> F64:
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -396,7 +402,7 @@ class _Baselines:
         self.res_cnt += res_ok.sum(axis=1)
 
 
-def _wilson_upper(up: F64, total: F64, z: float) -> F64:
+def _wilson_upper(up: F64, total: F64, z: F64 | float) -> F64:
     with np.errstate(invalid="ignore", divide="ignore"):
         p = up / total
         z2 = z * z
@@ -586,6 +592,10 @@ class _Engine:
         self.last_level = np.zeros(0)
         self.late_points = 0
         self.changed: dict[str, Incident] = {}
+        pool = max(config.pool_bins - 1, 0)
+        self.prev_up = np.zeros((0, pool))
+        self.prev_total = np.zeros((0, pool))
+        self.prev_expected = np.zeros((0, pool))
         # detect_with_baselines(): (bins, measure rows, value, baseline) of one country's measures
         self.trace_country: str | None = None
         self.trace: list[tuple[I64, I64, F64, F64]] = []
@@ -649,6 +659,12 @@ class _Engine:
             entity_country=entity_country,
             vantage_measures=np.asarray(vantage, dtype=np.int64),
         )
+        extra = len(reg.measures) - len(self.prev_up)
+        if extra > 0:
+            pad = np.zeros((extra, self.prev_up.shape[1]))
+            self.prev_up = np.concatenate([self.prev_up, pad])
+            self.prev_total = np.concatenate([self.prev_total, pad])
+            self.prev_expected = np.concatenate([self.prev_expected, pad])
         if len(self.last_level) < len(reg.measures):
             self.last_level = np.concatenate(
                 [self.last_level, np.full(len(reg.measures) - len(self.last_level), np.nan)])
@@ -687,9 +703,7 @@ class _Engine:
             self.trace.append((bins.copy(), rows, value[rows], base[rows]))
         with np.errstate(invalid="ignore", divide="ignore"):
             level = np.where(base > 0, value / base, np.nan)
-            upper = level + cfg.noise_z * noise
-            wilson = _wilson_upper(up, total, cfg.confidence_z) / base
-            upper = np.where(has_total & np.isfinite(wilson), np.fmax(upper, wilson), upper)
+        upper = self._upper(level, up, total, base, noise)
         roles = g.roles[:, None]
         known = np.isfinite(level)
         status = np.where(known, np.where(upper < cfg.critical, 2,
@@ -724,13 +738,61 @@ class _Engine:
         drop = ((roles == ROLE_REACH) | (roles == ROLE_SERVICE)) & from_history
         # noise is learned from normal bins only: anomalies must not widen it (a long shutdown
         # would otherwise teach the detector that collapses are ordinary noise)
-        residual = np.where(drop & (status == 0),
-                            np.minimum(np.abs(level - 1.0), 1.0), np.nan)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            binomial_var = base * (1 - base) / total
+            dispersion = np.where(binomial_var > 0, (value - base) ** 2 / binomial_var, np.nan)
+        residual = np.where(drop & (status == 0), np.where(
+            has_total, np.minimum(dispersion, 100.0), np.minimum(np.abs(level - 1.0), 1.0)),
+            np.nan)
         residual[:, unknown_bins] = np.nan
+        self._remember_counts(up, total, base)
         store.learn((tod // self.slot_seconds).astype(np.int64) % self.slots, learned, residual)
         last = level[:, -1]
         self.last_level = np.where(np.isfinite(last), last, self.last_level)
         self.last_bin = int(bins[-1])
+
+    def _upper(self, level: F64, up: F64, total: F64, base: F64, noise: F64) -> F64:
+        """The highest level the data plausibly allows: anomalies are judged on it.
+
+        Counts: the Wilson upper bound of up/total, widened by the measure's own dispersion
+        beyond binomial (quasi-binomial), also over the last `pool_bins` bins pooled, so a tiny
+        network that stays silent becomes evidence. Other values: level + noise_z x noise.
+        Before a day of residuals exists, `initial_noise` stands in for the noise.
+        """
+        cfg = self.cfg
+        has_total = np.isfinite(total)
+        known_noise = np.isfinite(noise)
+        sigma = np.where(known_noise, noise * 1.25, cfg.initial_noise)  # mean abs dev -> sigma
+        with np.errstate(invalid="ignore", divide="ignore"):
+            by_noise = level + cfg.noise_z * sigma
+            widen = np.sqrt(np.where(known_noise, np.maximum(noise, 1.0), 1.0))
+            wilson = _wilson_upper(up, total, cfg.confidence_z * widen) / base
+            k = cfg.pool_bins
+            if k > 1:
+                # rolling sums over the previous k-1 bins (remembered) and this block
+                pu = np.concatenate([self.prev_up, np.nan_to_num(up)], axis=1)
+                pt = np.concatenate([self.prev_total, np.nan_to_num(total)], axis=1)
+                pe = np.concatenate([self.prev_expected, np.nan_to_num(base * total)], axis=1)
+                sums = [np.cumsum(a, axis=1) for a in (pu, pt, pe)]
+                su, st, se = (c[:, k - 1:] - np.concatenate(
+                    [np.zeros((c.shape[0], 1)), c[:, :-k]], axis=1) for c in sums)
+                pooled = _wilson_upper(su, st, cfg.pool_z * widen) / (se / st)
+                # pooling only deepens a bin that is itself low, so recoveries end on time
+                wilson = np.where(level < cfg.warning, np.fmin(wilson, pooled), wilson)
+        counted = has_total & np.isfinite(wilson)
+        warmup = np.where(known_noise, -np.inf, by_noise)  # counts with no history yet
+        upper = np.where(counted, np.fmax(wilson, warmup), by_noise)
+        return np.asarray(upper, dtype=np.float64)
+
+    def _remember_counts(self, up: F64, total: F64, base: F64) -> None:
+        k = self.cfg.pool_bins - 1
+        if k <= 0:
+            return
+        with np.errstate(invalid="ignore"):
+            expected = np.nan_to_num(base * total)
+        self.prev_up = np.concatenate([self.prev_up, np.nan_to_num(up)], axis=1)[:, -k:]
+        self.prev_total = np.concatenate([self.prev_total, np.nan_to_num(total)], axis=1)[:, -k:]
+        self.prev_expected = np.concatenate([self.prev_expected, expected], axis=1)[:, -k:]
 
     def _classify(self, g: _Groups, bins: I64, status: I8, level: F64, total: F64, base: F64,
                   vantage_down: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
