@@ -23,6 +23,7 @@ import json
 import math
 import os
 import sqlite3
+import struct
 import threading
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
@@ -91,20 +92,33 @@ def _parse_iso(text: object, what: str) -> int | None:
     return math.floor(moment.timestamp())
 
 
+_REGULAR = struct.Struct("<cIII")  # b"R", first offset, step, count
+
+
 def _encode(offsets: npt.NDArray[np.int64], values: npt.NDArray[np.float64]) -> tuple[bytes, bytes]:
-    # Offsets are regular (one per round), so their differences compress to almost nothing.
+    """Offsets one round apart (the usual case) become 13 bytes: first, step, count. Others are
+    stored as zlib-compressed differences (a zlib stream never starts with b"R")."""
+    vals_blob = zlib.compress(values.astype("<f8").tobytes(), 6)
+    steps = np.diff(offsets)
+    if offsets.size >= 2 and steps[0] > 0 and (steps == steps[0]).all():
+        return _REGULAR.pack(b"R", int(offsets[0]), int(steps[0]), offsets.size), vals_blob
     deltas = np.diff(offsets, prepend=0).astype("<u4")
-    return zlib.compress(deltas.tobytes(), 6), zlib.compress(values.astype("<f8").tobytes(), 6)
+    return zlib.compress(deltas.tobytes(), 6), vals_blob
 
 
 def _decode(
     offsets_blob: bytes, vals_blob: bytes
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
-    deltas = np.frombuffer(zlib.decompress(offsets_blob), dtype="<u4")
     values = np.frombuffer(zlib.decompress(vals_blob), dtype="<f8")
-    if deltas.size != values.size:
-        raise ValueError(f"chunk has {deltas.size} times but {values.size} values")
-    return np.cumsum(deltas, dtype=np.int64), values.astype(np.float64)
+    if offsets_blob[:1] == b"R":
+        _, first, step, count = _REGULAR.unpack(offsets_blob)
+        offsets = np.arange(first, first + step * count, step, dtype=np.int64)
+    else:
+        offsets = np.cumsum(np.frombuffer(zlib.decompress(offsets_blob), dtype="<u4"),
+                            dtype=np.int64)
+    if offsets.size != values.size:
+        raise ValueError(f"chunk has {offsets.size} times but {values.size} values")
+    return offsets, values.astype(np.float64)
 
 
 class HistoryStore:
@@ -551,13 +565,13 @@ def _build_frame(
     all_times = np.concatenate(time_parts)
     ranks = np.repeat(np.arange(len(series)), counts)
     columns: dict[str, Any] = {
-        "time": pd.DatetimeIndex(
-            (all_times * 1_000_000_000).view("datetime64[ns]")).tz_localize("UTC"),
+        "time": pd.Series((all_times * 1_000_000_000).view("datetime64[ns]"), copy=False)
+        .dt.tz_localize("UTC"),
     }
     for position, name in enumerate(COLUMNS[1:5], start=1):
         columns[name] = _label_column([str(row[position]) for row in series], ranks)
     columns["value"] = np.concatenate(value_parts)
-    return pd.DataFrame(columns, columns=list(COLUMNS))
+    return pd.DataFrame(columns, columns=list(COLUMNS), copy=False)
 
 
 def _label_column(

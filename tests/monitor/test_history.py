@@ -335,3 +335,17 @@ def test_a_second_writer_is_refused_but_readers_are_welcome(tmp_path: Path) -> N
         reader.close()
     with HistoryStore(path) as writer:  # the lock went with the first writer
         assert writer.get_state("x") is None
+
+
+def test_irregular_times_missed_rounds_and_single_points_round_trip(tmp_path: Path) -> None:
+    # Chunks of evenly spaced rounds are stored as (first, step, count); anything else as
+    # compressed differences. Both must read back exactly.
+    minutes = [0, 5, 10, 20, 21, 33, 34, 35, 36, 180, 24 * 60 + 1, 26 * 60]
+    written = [SeriesPoint(T0 + timedelta(minutes=m, seconds=7 * (i % 2)), "IR", "country", "IR",
+                           "icmp_blocks_up", float(i)) for i, m in enumerate(minutes)]
+    with HistoryStore(tmp_path / "h.sqlite") as store:
+        for point in written:
+            store.append_points([point])
+            store.flush()
+        frame = store.read_frame(country="IR")
+    same_points(frame, as_frame(written))
