@@ -25,11 +25,13 @@ import yaml
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from monitor.clock import VirtualClock
+from monitor.clock import RealClock, VirtualClock
 from monitor.config import load_config
 from monitor.daemon import Daemon
 from monitor.history import HistoryStore
 from tests.netns import Netns, needs_root, run_in_netns
+from tests.prom import PrometheusServer, needs_prometheus
+from tests.prom import value as prom_value
 
 KZ = ipaddress.IPv4Network("10.81.0.0/20")  # 16 blocks
 UZ = ipaddress.IPv4Network("10.81.16.0/21")  # 8 blocks
@@ -393,3 +395,66 @@ def test_shards_split_the_universe_without_overlap(lab: Lab) -> None:
 
     totals = run_in_netns(lab.ns, scenario, timeout=60)
     assert sum(totals) == 16 and all(0 < t < 16 for t in totals), totals
+
+
+@needs_prometheus
+async def test_a_real_prometheus_scrapes_what_the_daemon_measured(tmp_path: Path) -> None:
+    """Loopback only, real time: two HTTP endpoints of a "country" (one answers 403: not
+    service), a TCP control target; a real Prometheus scrapes the daemon's /metrics."""
+    routes = web.RouteTableDef()
+
+    @routes.get("/ok")
+    async def ok(_request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    @routes.get("/blocked")
+    async def blocked(_request: web.Request) -> web.Response:
+        return web.Response(status=403, text="blocked by order")
+
+    app = web.Application()
+    app.add_routes(routes)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
+    blocked_ranges = [str(n) for n in ipaddress.IPv4Network("0.0.0.0/0").address_exclude(
+        ipaddress.IPv4Network("127.0.0.0/8"))]
+    (tmp_path / "blocklist.txt").write_text("\n".join([*blocked_ranges, "::/0"]) + "\n")
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump({
+        "vantage": {"name": "loop"},
+        "interval_s": 1,
+        "pacing": {"blocklist_file": "blocklist.txt", "per_block_pps": None},
+        "probing": {"timeout_s": 0.5, "reprobes": 0},
+        "hitlist_dir": "hitlists",
+        "countries": {"KZ": {"prefixes": None, "endpoints": {"urls": [
+            f"http://127.0.0.1:{port}/ok", f"http://127.0.0.1:{port}/blocked"]}}},
+        "control": {"hosts": [f"127.0.0.1:{port}"], "method": "tcp"},
+        "history": {"path": "history.sqlite"},
+    }))
+    daemon = Daemon(load_config(config_path), RealClock(), config_path=config_path,
+                    listen="127.0.0.1:0")
+    try:
+        async with running(daemon) as task:
+            await rounds_done(daemon, task, 1)
+            assert daemon.api is not None
+            prometheus = PrometheusServer([f"127.0.0.1:{daemon.api.port}"])
+            await asyncio.to_thread(prometheus.__enter__)
+            try:
+                up = await prometheus.await_for(
+                    'shutdown_monitor_targets_up{country="KZ",method="http"}', bool)
+                total = await prometheus.aquery(
+                    'shutdown_monitor_targets{country="KZ",method="http"}')
+                vantage = await prometheus.aquery("shutdown_monitor_vantage_up")
+                rounds = await prometheus.aquery("shutdown_monitor_rounds_total")
+            finally:
+                await asyncio.to_thread(prometheus.__exit__, None, None, None)
+            status = daemon.status()
+    finally:
+        await runner.cleanup()
+    assert prom_value(up) == 1 and prom_value(total) == 2
+    assert prom_value(vantage) == 1 and prom_value(rounds) >= 1
+    # The vantage is not baked into the series (Prometheus adds it with external_labels when
+    # it federates, writes remotely or alerts).
+    assert "vantage" not in up[0]["metric"]
+    assert status["countries"]["KZ"]["methods"]["http"] == {"total": 2, "up": 1}
