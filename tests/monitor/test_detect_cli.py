@@ -84,3 +84,27 @@ def test_input_errors_are_clear(tmp_path: Path) -> None:
     pd.DataFrame({"a": [1]}).to_csv(bad, index=False)
     code, _, err = run("--input", str(bad))
     assert code != 0 and "bad.csv:1: header" in err
+
+
+def test_history_store_input(tmp_path: Path) -> None:
+    from monitor.history import HistoryStore
+    from monitor.series import frame_to_points
+
+    start = datetime(2022, 1, 1, tzinfo=UTC)
+    onset = start + timedelta(days=3, hours=10, minutes=30)
+    index = pd.date_range(start, periods=4 * 288, freq="300s")
+    up = [(30.0 if t >= onset else 300.0 + k % 5) for k, t in enumerate(index)]
+    frame = pd.concat([
+        pd.DataFrame({"time": index, "country": "KZ", "scope": "country", "entity": "KZ",
+                      "signal": "icmp_blocks_up", "value": up}),
+        pd.DataFrame({"time": index, "country": "KZ", "scope": "country", "entity": "KZ",
+                      "signal": "icmp_blocks_total", "value": 400.0}),
+    ], ignore_index=True)
+    with HistoryStore(tmp_path / "history.db", retention_days=3650) as store:
+        store.append_points(frame_to_points(frame))
+        store.flush()
+    code, out, err = run("--history", str(tmp_path / "history.db"), "--json",
+                         "--until", "2022-01-05T00:00:00Z")
+    assert code == 0, err
+    assert [(i["kind"], i["start"], i["end"]) for i in json.loads(out)["incidents"]] == [
+        ("nationwide_shutdown", "2022-01-04T10:30:00Z", None)]
