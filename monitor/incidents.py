@@ -120,6 +120,7 @@ class IncidentLifecycle:
         self.deepen_step = deepen_step
         self.keep_closed = keep_closed
         self._tracked: dict[str, Tracked] = {}
+        self._aliases: dict[str, str] = {}  # a later id of an incident -> its first id
 
     # -- queries ---------------------------------------------------------------------------
     def open_incidents(self) -> list[dict[str, Any]]:
@@ -142,8 +143,10 @@ class IncidentLifecycle:
     ) -> list[Transition]:
         seen: dict[str, dict[str, Any]] = {}
         for raw in incidents:
-            incident = check_incident(raw)
+            incident = self._aliased(check_incident(raw))
             seen[str(incident["id"])] = incident
+        if complete:
+            seen = self._continuations(seen)
         transitions: list[Transition] = []
         for incident_id, incident in seen.items():
             transitions.extend(self._observe_one(incident_id, incident, now))
@@ -151,6 +154,43 @@ class IncidentLifecycle:
             transitions.extend(self._missing(seen, now))
         self._forget_old(now)
         return transitions
+
+    def _aliased(self, incident: dict[str, Any]) -> dict[str, Any]:
+        """The incident under the id it was first announced with (see `_continuations`)."""
+        first_id = self._aliases.get(str(incident["id"]))
+        tracked = self._tracked.get(first_id) if first_id is not None else None
+        if tracked is None:
+            return incident
+        start = min(str(incident["start"]), str(tracked.incident["start"]))
+        return {**incident, "id": first_id, "start": start}
+
+    def _continuations(self, seen: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """A new id at the same place and of the same kind as an open incident the detector no
+        longer reports is the same incident under another id, e.g. after a restart primed the
+        detector with less history than the incident is long. It keeps its first id and start,
+        so nobody is alerted twice."""
+        vanished = [
+            (incident_id, t) for incident_id, t in self._tracked.items()
+            if not t.closed and incident_id not in seen
+        ]
+        if not vanished:
+            return seen
+        out: dict[str, dict[str, Any]] = {}
+        for incident_id, incident in seen.items():
+            if incident_id not in self._tracked:
+                match = next(
+                    (pair for pair in vanished
+                     if _same_place(pair[1].incident, incident)
+                     and pair[1].incident["kind"] == incident["kind"]),
+                    None,
+                )
+                if match is not None:
+                    vanished.remove(match)
+                    self._aliases[incident_id] = match[0]
+                    incident = self._aliased(incident)
+                    incident_id = match[0]
+            out[incident_id] = incident
+        return out
 
     def _observe_one(
         self, incident_id: str, incident: dict[str, Any], now: datetime
@@ -232,10 +272,15 @@ class IncidentLifecycle:
         ]
         for incident_id in stale:
             del self._tracked[incident_id]
+        self._aliases = {k: v for k, v in self._aliases.items() if v in self._tracked}
 
     # -- persistence -----------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
-        return {"version": 1, "tracked": {k: t.to_json() for k, t in self._tracked.items()}}
+        return {
+            "version": 1,
+            "tracked": {k: t.to_json() for k, t in self._tracked.items()},
+            "aliases": dict(self._aliases),
+        }
 
     def restore(self, data: Mapping[str, Any]) -> None:
         """Load a `to_json()` snapshot; raises StoreError naming what is wrong."""
@@ -250,7 +295,12 @@ class IncidentLifecycle:
                 raise StoreError(
                     f"incident lifecycle state: incident {incident_id}: {exc}"
                 ) from exc
+        aliases = data.get("aliases", {})
+        if not isinstance(aliases, Mapping):
+            raise StoreError(f"incident lifecycle state: aliases: expected a mapping, got "
+                             f"{aliases!r:.200}")
         self._tracked = tracked
+        self._aliases = {str(k): str(v) for k, v in aliases.items() if str(v) in tracked}
 
 
 def vantage_incident(vantage: str, since: datetime, end: datetime | None) -> dict[str, Any]:

@@ -120,3 +120,33 @@ def test_vantage_incident_is_never_a_country() -> None:
     [opened] = life.observe([data], T0)
     assert opened.incident["kind"] == "vantage_offline"
     assert opened.incident["scope"] == "vantage" and opened.incident["country"] == "ZZ"
+
+
+def test_a_new_id_for_the_same_open_incident_is_a_continuation_not_a_new_alert() -> None:
+    # After a restart the detector, primed with less history than a month-long shutdown,
+    # reports it from a later start (so under another stable id).
+    life = IncidentLifecycle()
+    life.observe([incident("first", severity="critical", min_level=0.05)], T0)
+    restarted = IncidentLifecycle()
+    restarted.restore(json.loads(json.dumps(life.to_json())))
+    later = incident("second", severity="critical", min_level=0.05,
+                     start="2022-01-20T00:00:00Z")
+    assert restarted.observe([later], T0 + timedelta(days=20)) == []
+    [shown] = restarted.recent_incidents()
+    assert shown["id"] == "first" and shown["start"] == "2022-01-05T10:30:00Z"
+    # Its later reports keep mapping onto the first id, across another restart too.
+    again = IncidentLifecycle()
+    again.restore(json.loads(json.dumps(restarted.to_json())))
+    ended = {**later, "end": "2022-02-01T00:00:00Z"}
+    [closed] = again.observe([ended], T0 + timedelta(days=27))
+    assert closed.event is Event.CLOSED and closed.incident["id"] == "first"
+    assert closed.incident["start"] == "2022-01-05T10:30:00Z"
+
+
+def test_a_different_kind_at_the_same_place_is_not_a_continuation() -> None:
+    life = IncidentLifecycle()
+    life.observe([incident("a")], T0)
+    other = {**incident("b"), "kind": "service_block"}
+    opened, folded = life.observe([other], T0)
+    assert (opened.event, opened.incident["id"]) == (Event.OPENED, "b")
+    assert (folded.event, folded.incident["id"]) == (Event.MERGED, "a")
