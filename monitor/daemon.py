@@ -36,6 +36,7 @@ from monitor.incidents import (
     format_time,
     vantage_incident,
 )
+from monitor.remote_write import RemoteWriteCollector, RemoteWriter, start_writers
 from monitor.round_driver import ConfiguredRoundDriver
 from monitor.rounds import RoundOutcome
 from monitor.series import SIGNAL_VANTAGE_UP, SeriesPoint
@@ -125,6 +126,8 @@ class Daemon:
         self._driver_factory = round_driver_factory or ConfiguredRoundDriver
         self.metrics = MetricsState()
         self._registry = make_registry(self.metrics)
+        self._remote: list[RemoteWriter] = []
+        self._registry.register(RemoteWriteCollector(lambda: self._remote))
         self.lifecycle = IncidentLifecycle()
         self.vantage = VantageState()
         self.last = RoundRecord()
@@ -192,6 +195,7 @@ class Daemon:
         self._prime_detector()
         self._driver = self._driver_factory(self.config, self.config.shard)
         await self._start_sinks(self.config)
+        self._remote = await start_writers(self.config, self.listen)
         self.api = ApiServer(self, self.listen)
         await self.api.start()
         log.warning(
@@ -314,6 +318,9 @@ class Daemon:
             levels=list(levels),
         )
         self._housekeeping(now)
+        for writer in self._remote:
+            # Stamped with the round's time: every destination sees one sample per round.
+            writer.enqueue_registry(self._registry, now.timestamp())
 
     def _update_vantage(self, outcome: RoundOutcome) -> None:
         state = self.vantage
@@ -438,6 +445,11 @@ class Daemon:
     # -- start, reload, stop ---------------------------------------------------------------
     def _open_store(self) -> None:
         history = self.config.history
+        try:
+            # A first start with the shipped config: its var/ directory does not exist yet.
+            Path(history.path).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"{history.path}: cannot create its directory: {exc}") from exc
         self._store = HistoryStore(history.path, history.retention_days)
 
     def _restore_state(self) -> None:
@@ -549,6 +561,10 @@ class Daemon:
             self._prime_detector()
         if config.listen != self.config.listen:
             log.warning("reload: a new listen address takes a restart (still on %s)", self.listen)
+        if config.remote_write != self.config.remote_write or config.shard != self.config.shard:
+            for writer in self._remote:
+                await writer.close(drain_s=0.5)  # what is left stays buffered on disk
+            self._remote = await start_writers(config, self.listen)
         if config.sinks != self.config.sinks or config.vantage_name != self.config.vantage_name:
             self._save_pending_webhook()
             await self._stop_sinks(drain_s=0.5)
@@ -567,6 +583,8 @@ class Daemon:
         if self.api is not None:
             await self.api.stop()
         await self._stop_sinks(drain_s=1.0)
+        for writer in self._remote:
+            await writer.close(drain_s=1.0)
         if self._driver is not None:
             try:
                 await self._driver.close()

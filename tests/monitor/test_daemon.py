@@ -75,7 +75,7 @@ class Lab:
 
     @property
     def history_path(self) -> Path:
-        return self.root / "history.sqlite"
+        return self.root / "var" / "history.sqlite"  # var/ is made by the daemon
 
     def config_data(self) -> dict[str, Any]:
         return {
@@ -88,7 +88,7 @@ class Lab:
             "hitlist_dir": "hitlists",
             "countries": {"KZ": {"prefixes": "kz.txt"}, "UZ": {"prefixes": "uz.txt"}},
             "control": {"hosts": ["198.18.0.1", "198.18.0.2"], "min_up_fraction": 0.5},
-            "history": {"path": "history.sqlite"},
+            "history": {"path": "var/history.sqlite"},
             "sinks": self.sinks,
             # Loopback RTTs (tens of microseconds) jump by multiples when the machine is busy:
             # RTT throttling is not what these tests are about, so its thresholds are set aside.
