@@ -139,6 +139,18 @@ class SinksConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RemoteWriteConfig:
+    """One Prometheus remote-write destination (monitor/remote_write.py)."""
+
+    url: str
+    name: str
+    external_labels: Mapping[str, str] = field(default_factory=dict)
+    timeout_s: float = 30.0
+    buffer_dir: Path = Path("var/remote-write")
+    buffer_max_bytes: int = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     source: str  # the file it came from (for messages)
     vantage_name: str = "local"
@@ -158,6 +170,7 @@ class Config:
     detector: Mapping[str, Any] = field(default_factory=dict)
     sinks: SinksConfig = SinksConfig()
     shard: tuple[int, int] | None = None  # (index, count), index 0-based
+    remote_write: tuple[RemoteWriteConfig, ...] = ()
 
     def country(self, code: str) -> CountryConfig:
         for country in self.countries:
@@ -425,7 +438,7 @@ class _Checker:
     def config(self, data: object) -> Config | None:
         allowed = ["vantage", "listen", "interval_s", "contact_url", "pacing", "probing",
                    "hitlist_dir", "asn_file", "asn_format", "countries", "control", "history",
-                   "detector", "sinks", "shard"]
+                   "detector", "sinks", "shard", "remote_write"]
         top = self.section(data, "", allowed)
         if top is None:
             return None
@@ -455,6 +468,7 @@ class _Checker:
             detector=self.detector(top.get("detector", {})),
             sinks=self.sinks(top.get("sinks", {})),
             shard=self.take(top, "", "shard", shard_spec, None, nullable=True),
+            remote_write=self.remote_write(top.get("remote_write")),
         )
         return config
 
@@ -688,6 +702,55 @@ class _Checker:
                     url=self.take(manager, "sinks.alertmanager", "url", http_url, "")
                 )
         return SinksConfig(webhook=webhook, alertmanager=alertmanager)
+
+    def remote_write(self, value: object) -> tuple[RemoteWriteConfig, ...]:
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            self.expect("remote_write", "a list of {url, name, ...}", value)
+            return ()
+        allowed = ["url", "name", "external_labels", "timeout_s", "buffer_dir",
+                   "buffer_max_bytes"]
+        result: list[RemoteWriteConfig] = []
+        for index, raw in enumerate(value):
+            path = f"remote_write[{index}]"
+            section = self.section(raw, path, allowed, required=["url", "name"])
+            if section is None or "url" not in section or "name" not in section:
+                continue
+            name = self.take(section, path, "name", _vantage_name, "remote")
+            if any(r.name == name for r in result):
+                self.fail(f"{path}.name", f"remote_write name {name!r} is used twice")
+            labels: dict[str, str] = {}
+            raw_labels = section.get("external_labels") or {}
+            if not isinstance(raw_labels, dict):
+                self.expect(f"{path}.external_labels", "a mapping of label: value", raw_labels)
+                raw_labels = {}
+            for key, item in raw_labels.items():
+                if not isinstance(key, str) or not re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", key) \
+                        or key.startswith("__"):
+                    self.expect(f"{path}.external_labels", "label names of letters, digits "
+                                "and '_' (not starting with a digit or '__')", key)
+                elif not isinstance(item, str | int | float) or isinstance(item, bool):
+                    self.expect(f"{path}.external_labels.{key}", "a string", item)
+                else:
+                    labels[key] = str(item)
+            buffer_dir = self.take(section, path, "buffer_dir", text, f"var/remote-write/{name}")
+            result.append(RemoteWriteConfig(
+                url=self.take(section, path, "url", http_url, ""),
+                name=name,
+                external_labels=labels,
+                timeout_s=self.take(section, path, "timeout_s", positive_number, 30.0),
+                buffer_dir=self.resolve(buffer_dir),
+                buffer_max_bytes=self.take(section, path, "buffer_max_bytes", _buffer_size,
+                                           256 * 1024 * 1024),
+            ))
+        return tuple(result)
+
+
+def _buffer_size(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 4096:
+        raise _Bad("a number of bytes >= 4096")
+    return value
 
 
 def _vantage_name(value: object) -> str:

@@ -23,7 +23,7 @@ SCENARIOS: list[tuple[str, dict[str, Any], str]] = [
     ("unknown top-level key", {"intervall_s": 60},
      "config.yaml: intervall_s: unknown key (expected one of: vantage, listen, interval_s, "
      "contact_url, pacing, probing, hitlist_dir, asn_file, asn_format, countries, control, "
-     "history, detector, sinks, shard)"),
+     "history, detector, sinks, shard, remote_write)"),
     ("unknown country key", {"countries": {"KZ": {"sample": 5}}},
      "config.yaml: countries.KZ.sample: unknown key (expected one of: prefixes, sample_blocks, "
      "methods, endpoints)"),
