@@ -10,6 +10,7 @@ from monitor import __version__
 from monitor.commands.config import config_group
 from monitor.commands.detect import detect_command
 from monitor.commands.probe import probe_command
+from monitor.commands.report import report_command
 from monitor.commands.run import run_command
 from monitor.commands.targets import targets_group
 
@@ -28,6 +29,7 @@ cli.add_command(config_group)
 cli.add_command(run_command)
 cli.add_command(targets_group)
 cli.add_command(detect_command)
+cli.add_command(report_command)
 
 
 def main() -> None:
