@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from monitor.clock import RealClock, VirtualClock
 from monitor.config import load_config
-from monitor.daemon import Daemon
+from monitor.daemon import STATE_WEBHOOK_PENDING, Daemon
 from monitor.history import HistoryStore
 from tests.netns import Netns, needs_root, run_in_netns
 from tests.prom import PrometheusServer, needs_prometheus
@@ -458,3 +459,48 @@ async def test_a_real_prometheus_scrapes_what_the_daemon_measured(tmp_path: Path
     # it federates, writes remotely or alerts).
     assert "vantage" not in up[0]["metric"]
     assert status["countries"]["KZ"]["methods"]["http"] == {"total": 2, "up": 1}
+
+
+async def test_undelivered_webhook_payloads_survive_a_restart(tmp_path: Path) -> None:
+    """Loopback only and no probing at all: a payload the webhook could not deliver before a
+    stop is kept in the store and delivered by the next start."""
+    (tmp_path / "blocklist.txt").write_text("0.0.0.0/0\n::/0\n")
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    dead_port = server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+
+    def write_config(url: str) -> Path:
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump({
+            "vantage": {"name": "loop"}, "interval_s": 60,
+            "pacing": {"blocklist_file": "blocklist.txt"}, "hitlist_dir": "hitlists",
+            "history": {"path": "history.sqlite"},
+            "sinks": {"webhook": {"url": url, "timeout_s": 1, "retries": 5}},
+        }))
+        return path
+
+    payload = {"vantage": "loop", "event": "opened", "at": "2022-01-05T10:40:00Z",
+               "reason": "", "incident": {"id": "kz-1"}}
+    with HistoryStore(tmp_path / "history.sqlite") as store:
+        store.set_state(STATE_WEBHOOK_PENDING, json.dumps([payload]))
+    # The receiver is down: the payload is refused, waits for its retry, and is still
+    # undelivered when the daemon stops.
+    path = write_config(f"http://127.0.0.1:{dead_port}/hook")
+    down = Daemon(load_config(path), GatedClock(T0), listen="127.0.0.1:0")
+    async with running(down):
+        await asyncio.sleep(0.3)
+    with HistoryStore(tmp_path / "history.sqlite") as store:
+        assert json.loads(store.get_state(STATE_WEBHOOK_PENDING) or "[]") == [payload]
+
+    async with Receiver("/hook") as hook:
+        path = write_config(hook.url + "/hook")
+        up = Daemon(load_config(path), GatedClock(T0), listen="127.0.0.1:0")
+        async with running(up):
+            for _ in range(100):
+                if hook.bodies:
+                    break
+                await asyncio.sleep(0.02)
+    assert hook.bodies == [payload]
+    with HistoryStore(tmp_path / "history.sqlite") as store:
+        assert json.loads(store.get_state(STATE_WEBHOOK_PENDING) or "[]") == []
