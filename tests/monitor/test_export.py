@@ -7,13 +7,16 @@ import math
 import shutil
 import subprocess
 import threading
+import time
 import urllib.parse
 import urllib.request
 from collections import Counter
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from monitor.export import RTT_BUCKETS, MetricsState, make_registry, render_metrics
@@ -186,16 +189,19 @@ def test_scrapes_from_another_thread_see_whole_rounds() -> None:
 
     scraper = threading.Thread(target=scrape)
     scraper.start()
-    index = 0
-    while len(seen) < 50 and index < 1_000_000:  # record until many scrapes ran in between
+    index, deadline = 0, time.monotonic() + 20
+
+    def interleaved() -> bool:
+        return len(seen) >= 50 and len({rounds for rounds, _ in seen}) >= 3
+
+    while not interleaved() and time.monotonic() < deadline:  # record until scrapes ran between
         index += 1
         outcome = RoundOutcome(time=T0 + timedelta(minutes=index), duration_s=1.0,
                                counts=[TargetCount("KZ", 9198, "icmp", total=index, up=0)])
         state.record_round(outcome)
     stop.set()
     scraper.join()
-    assert len(seen) >= 50
-    assert len({rounds for rounds, _ in seen}) > 10  # the scrapes really interleaved
+    assert interleaved(), f"scrapes saw rounds {sorted({r for r, _ in seen})}"
     assert all(rounds == targets for rounds, targets in seen)  # never half a round
 
 
@@ -221,8 +227,17 @@ def cumulative_buckets(rtts: list[float]) -> dict[str, float]:
             for b in bounds}
 
 
+RATIO_RULES = {"groups": [{"name": "shutdown-monitor-test", "rules": [{
+    "record": "country_method:shutdown_monitor_targets_up:ratio",
+    "expr": "sum by (country, method) (shutdown_monitor_targets_up)"
+            " / sum by (country, method) (shutdown_monitor_targets)",
+}]}]}
+
+
 @needs_prometheus
-def test_real_prometheus_sees_exactly_what_was_measured() -> None:
+def test_real_prometheus_sees_exactly_what_was_measured(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yml"
+    rules.write_text(yaml.safe_dump(RATIO_RULES))
     state = MetricsState()
     rounds = [kz_round(0, kz_up=80), kz_round(1, kz_up=30), kz_round(2, kz_up=5, vantage_up=False)]
     state.record_round(rounds[0])
@@ -232,6 +247,7 @@ def test_real_prometheus_sees_exactly_what_was_measured() -> None:
     state.record_malformed("icmp", 2)
     with MetricsEndpoint(make_registry(state)) as endpoint, PrometheusServer(
         [endpoint.target], scrape_interval="1s", external_labels={"vantage": "test-vantage"},
+        rule_files=[rules],
     ) as prom:
         prom.wait_for_value("shutdown_monitor_rounds_total", 1)
         after_first = prom.wait_for_fresh_scrape()
@@ -291,6 +307,14 @@ def test_real_prometheus_sees_exactly_what_was_measured() -> None:
         assert value(prom.query("shutdown_monitor_config_last_reload_success")) == 1
         assert value(prom.query("shutdown_monitor_history_bytes")) == 12_345
         assert value(prom.query('shutdown_monitor_malformed_total{source="icmp"}')) == 2
+
+        # Recording rules over the export (what dashboards/ rules build on) and a range query.
+        ratio = 'country_method:shutdown_monitor_targets_up:ratio{country="KZ",method="icmp"}'
+        prom.wait_for(ratio, lambda r: len(r) == 1 and value(r) == (5 + 43) / 150)
+        history = prom.query_range("shutdown_monitor_rounds_total", after_first - 1,
+                                   after_last, 0.5)
+        steps = [float(v) for _, v in history[0]["values"]]
+        assert steps[0] == 1 and steps[-1] == 3 and steps == sorted(steps)
 
         # The vantage name is Prometheus's, added where series leave it (federation here).
         federated = federate(prom, "shutdown_monitor_vantage_up")
