@@ -87,8 +87,8 @@ class DetectorConfig:
     """Consecutive anomalous bins needed for an incident (one missed round is not a shutdown)."""
     flap_merge_seconds: int = 4 * 3600
     """Recoveries shorter than this inside an incident do not split it."""
-    confidence_z: float = 1.96
-    """z of the Wilson bound on up/total counts."""
+    confidence_z: float = 2.58
+    """z of the per-bin Wilson bound on up/total counts (99%: many bins are tested)."""
     noise_z: float = 3.0
     """How many times a measure's own recent noise (relative, robust) a drop must exceed."""
     initial_noise: float = 0.1
@@ -568,6 +568,7 @@ class _Groups:
     subs: npt.NDArray[np.int64]  # every ASN and region entity
     sub_country: npt.NDArray[np.int64]
     entity_country: npt.NDArray[np.int64]  # -1 for the vantage
+    measure_country: npt.NDArray[np.int64]  # -1 for the vantage
     vantage_measures: npt.NDArray[np.int64]
 
 
@@ -657,6 +658,8 @@ class _Engine:
             majority=_Segments.of(positions),
             subs=sub_arr, sub_country=entity_country[sub_arr] if len(subs) else sub_arr,
             entity_country=entity_country,
+            measure_country=np.asarray([entity_country[m.entity_index] for m in reg.measures],
+                                       dtype=np.int64),
             vantage_measures=np.asarray(vantage, dtype=np.int64),
         )
         extra = len(reg.measures) - len(self.prev_up)
@@ -730,9 +733,15 @@ class _Engine:
             status[vant] = np.where(np.isfinite(vvals), 2 * (vvals < cfg.vantage_down_below),
                                     UNKNOWN)
         status = status.astype(np.int8)
-        unknown_bins = self._classify(g, bins, status, level, total, base, vantage_down)
-        # learning: anomalies are replaced by the prediction; unknown bins teach nothing
-        learned = np.where((status >= 1) & from_history, base, value)
+        unknown_bins, country_down = self._classify(g, bins, status, level, total, base,
+                                                    vantage_down)
+        # learning: anomalies are replaced by the prediction, and so is every measure of a
+        # country that is down (its tiny networks cannot tell alone); unknown bins teach nothing
+        in_down_country = np.zeros_like(status, dtype=bool)
+        mc = g.measure_country
+        if len(g.countries):
+            in_down_country[mc >= 0] = country_down[mc[mc >= 0]]
+        learned = np.where(((status >= 1) | in_down_country) & from_history, base, value)
         learned[:, unknown_bins] = np.nan
         learned[vant] = np.nan
         drop = ((roles == ROLE_REACH) | (roles == ROLE_SERVICE)) & from_history
@@ -795,8 +804,11 @@ class _Engine:
         self.prev_expected = np.concatenate([self.prev_expected, expected], axis=1)[:, -k:]
 
     def _classify(self, g: _Groups, bins: I64, status: I8, level: F64, total: F64, base: F64,
-                  vantage_down: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
-        """Entities -> countries -> incident builders. Returns the bins that are unknown."""
+                  vantage_down: npt.NDArray[np.bool_],
+                  ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+        """Entities -> countries -> incident builders.
+
+        Returns the bins that are unknown, and (countries x bins) where a country is down."""
         cfg = self.cfg
         n_ent = len(self.registry.entities)
         n_bins = len(bins)
@@ -831,8 +843,12 @@ class _Engine:
         own_lv = np.where(has_own, ent_level[np.maximum(ce, 0)], np.nan)
         c_status = np.where(own_st >= 0, own_st, d_status).astype(np.int8)
         c_level = np.where(np.isfinite(own_lv), own_lv, d_level)
-        with np.errstate(invalid="ignore"):
-            majority = np.where(np.isfinite(share), share >= cfg.majority, True)
+        # is the drop broad? judged on the networks' point levels: a tiny network's silence is
+        # weak evidence alone, but it still counts as down when its country is clearly down
+        with np.errstate(invalid="ignore", divide="ignore"):
+            low = np.where(known & (np.nan_to_num(lv, nan=1.0) < cfg.warning), w, 0.0)
+            broad = np.where(wk > 0, per_country(low) / wk, np.nan)
+            majority = np.where(np.isfinite(share), np.fmax(share, broad) >= cfg.majority, True)
         nationwide = (c_status >= 1) & majority
         # the vantage: its own series, or (without one) most countries failing at once
         unknown = vantage_down.copy()
@@ -884,7 +900,7 @@ class _Engine:
             ks = np.where(unknown | (st_k < 0) | (reach_st < 0), UNKNOWN,
                           np.where(reach_st >= 1, 0, st_k)).astype(np.int8)
             self._feed_entities(g, seg.owners, ks, lv_k, kind, lists, times, bin_hours, status)
-        return unknown
+        return unknown, nationwide
 
     def _feed_entities(self, g: _Groups, entities: I64, st: I8, lv: F64, kind: str,
                        lists: list[list[int]], times: list[datetime], bin_hours: float,

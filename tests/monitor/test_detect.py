@@ -121,14 +121,17 @@ def test_minority_of_regions_down_is_not_nationwide() -> None:
 
 def test_small_counts_one_round_is_not_an_outage() -> None:
     index = times(3)
+    end = len(index) - 100
     blip = np.ones(len(index))
-    blip[len(index) - 100] = 0.5  # half of 8 blocks miss one round
-    frame = counts(index, "LI", "asn", "20634", 8, blip, p=1.0)
-    assert detect(frame) == []
-    # two rounds in a row: an incident, but 4 of 8 is not evidence of a critical drop
-    blip[len(index) - 99] = 0.5
+    blip[end] = 0.5  # half of 8 blocks miss one round
+    assert detect(counts(index, "LI", "asn", "20634", 8, blip, p=1.0)) == []
+    # two rounds: 4 of 8 is still no evidence of a drop to under 80%
+    blip[end + 1] = 0.5
+    assert detect(counts(index, "LI", "asn", "20634", 8, blip, p=1.0)) == []
+    # all 8 silent for three rounds is
+    blip[end:end + 3] = 0.0
     found = detect(counts(index, "LI", "asn", "20634", 8, blip, p=1.0))
-    assert [(i.kind, i.severity) for i in found] == [(KIND_NATIONWIDE, "warning")]
+    assert [(i.kind, i.start) for i in found] == [(KIND_NATIONWIDE, index[end].to_pydatetime())]
 
 
 def test_month_long_shutdown_stays_flagged_until_it_ends() -> None:
