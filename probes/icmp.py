@@ -61,7 +61,7 @@ _EXTENDED_ERR = struct.Struct("=IBBBBII")
 
 # Send this many probes, then yield to the event loop so replies are drained before the socket
 # receive buffer overflows (an overflow would be false loss).
-_SENDS_PER_YIELD = 64
+_SENDS_PER_YIELD = 256
 # Replies handled per reader callback, so a flood cannot starve the sender and the sweep.
 _READS_PER_CALLBACK = 4096
 _RECEIVE_BUFFER_BYTES = 8 << 20
@@ -376,10 +376,6 @@ class _Endpoint:
         self.template = EchoTemplate(self.v6, self.ident, payload)
         self.seq = int.from_bytes(os.urandom(2), "big")
 
-    def next_packet(self) -> tuple[int, bytes]:
-        seq = self.seq = (self.seq + 1) & 0xFFFF
-        return seq, self.template.packet(seq)
-
     def close(self) -> None:
         self.sock.close()
 
@@ -497,6 +493,8 @@ class IcmpProber:
         acquire_slot = pacer.acquire_slot
         monotonic = time.monotonic
         wall = time.time
+        # Wall-clock send times from the monotonic stamp: one clock read per probe, not two.
+        wall_offset = wall() - monotonic()
         inet_pton = socket.inet_pton
         af_inet = socket.AF_INET
         since_yield = 0
@@ -521,29 +519,34 @@ class IcmpProber:
                 key_address, v6 = resolved
             endpoint = self._endpoints.get(v6) or self._endpoint(v6)
             await acquire_slot()
-            delay = reserve(key_address)
-            if delay > 0:
-                await asyncio.sleep(delay)
-                since_yield = 0
-            seq, packet = endpoint.next_packet()
-            started_at = wall()
-            sent_mono = monotonic()
             try:
-                endpoint.sock.sendto(packet, (key_address, 0))
-                error = None
-            except OSError:  # a full buffer, or a route error: the slow path sorts it out
-                error = await self._send(endpoint, packet, key_address)
-            if error is not None:
+                delay = reserve(key_address)
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                    since_yield = 0
+                seq = endpoint.seq = (endpoint.seq + 1) & 0xFFFF
+                packet = endpoint.template.packet(seq)
+                sent_mono = monotonic()
+                started_at = wall_offset + sent_mono
+                try:
+                    endpoint.sock.sendto(packet, (key_address, 0))
+                    error = None
+                except OSError:  # a full buffer, or a route error: the slow path sorts it out
+                    error = await self._send(endpoint, packet, key_address)
+                if error is not None:
+                    pacer.release_slot()
+                    stats.send_errors += 1
+                    self._deliver_now(
+                        call,
+                        ProbeResult(
+                            target, METHOD, False, False, failure_for_send_error(error), None,
+                            started_at, {"errno": errno.errorcode.get(error, str(error))},
+                        ),
+                    )  # fmt: skip
+                    continue
+            except BaseException:  # cancelled or failed before the probe was in flight
                 pacer.release_slot()
-                stats.send_errors += 1
-                self._deliver_now(
-                    call,
-                    ProbeResult(
-                        target, METHOD, False, False, failure_for_send_error(error), None,
-                        started_at, {"errno": errno.errorcode.get(error, str(error))},
-                    ),
-                )  # fmt: skip
-                continue
+                raise
             stats.sent += 1
             key = (key_address, seq)
             entry = _Pending(key, target, call, started_at, sent_mono, sent_mono + timeout)
@@ -776,7 +779,13 @@ class IcmpProber:
             pacer.release_slot()
         call = entry.call
         call.outstanding -= 1
-        self._hand_over(call, result)
+        if call.active and call.error is None:
+            try:
+                call.on_result(result)
+            except Exception as exc:  # the caller's sink failed: stop this call, report it there
+                call.error = exc
+                if not call.done.done():
+                    call.done.set_result(None)
         if call.outstanding == 0 and call.fed and not call.done.done():
             call.done.set_result(None)
 

@@ -12,6 +12,7 @@ Topology (all addresses exist only inside the namespaces):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import socket
 import struct
@@ -359,6 +360,31 @@ def test_in_flight_cap_is_respected(vantage: Netns) -> None:
     assert elapsed >= 1.2
     assert peak == 4
     assert left == 0
+
+
+def test_cancelled_call_releases_its_slots(vantage: Netns) -> None:
+    """A round abandoned mid-way (SIGTERM) leaves no in-flight slot taken once its probes end."""
+
+    async def scenario() -> tuple[int, bool]:
+        prober = IcmpProber(timeout_s=0.3)
+        pacer = Pacer(PacingPolicy(rate_pps=None, per_block_pps=None, max_in_flight=4))
+        seen: list[ProbeResult] = []
+        try:
+            task = asyncio.create_task(
+                prober.probe_many((Target(a) for a in addresses("10.78.1.0/24", 10)), pacer,
+                                  seen.append)
+            )  # fmt: skip
+            await asyncio.sleep(0.05)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await asyncio.sleep(0.5)  # the sweep ends the probes that were in flight
+            after = await probe_all(prober, addresses("10.77.11.0/24", 5), pacer)
+            return pacer.in_flight, all(r.success for r in after.values()) and not seen
+        finally:
+            await prober.close()
+
+    assert run_in_netns(vantage, scenario) == (0, True)
 
 
 def test_concurrent_calls_share_one_socket(vantage: Netns) -> None:
