@@ -9,6 +9,7 @@ import click
 from monitor import __version__
 from monitor.commands.config import config_group
 from monitor.commands.detect import detect_command
+from monitor.commands.detector import detector_command
 from monitor.commands.probe import probe_command
 from monitor.commands.report import report_command
 from monitor.commands.run import run_command
@@ -29,6 +30,7 @@ cli.add_command(config_group)
 cli.add_command(run_command)
 cli.add_command(targets_group)
 cli.add_command(detect_command)
+cli.add_command(detector_command)
 cli.add_command(report_command)
 
 
