@@ -362,7 +362,7 @@ def machine() -> str:
 
 
 def report(
-    rows: list[Measurement], capped: Measurement, memory: dict[str, Any], quick: bool
+    rows: list[Measurement], capped: Measurement, memory: dict[str, Any], flags: str
 ) -> str:
     lines = [
         "| method | engine | concurrency | probes | probes/s | CPU s / 1000 probes "
@@ -372,7 +372,7 @@ def report(
     for m in [*rows, capped]:
         lines.append(
             f"| {m.method} | {m.engine} | {m.concurrency} | {m.probes} | {m.rate:,.0f} "
-            f"| {m.cpu_per_1000:.3f} | {m.peak_rss_mb:.1f} | {m.false_loss} | {m.note} |"
+            f"| {m.cpu_per_1000:.4f} | {m.peak_rss_mb:.1f} | {m.false_loss} | {m.note} |"
         )
     lines += ["", "| method | ours / blackbox probes/s | goal | blackbox / ours CPU per probe |",
               "|---|---|---|---|"]  # fmt: skip
@@ -396,9 +396,8 @@ def report(
         f"{memory['count'] / memory['seconds']:,.0f} probes/s, {memory['down']} down "
         f"(goal < 300 MB: {'met' if memory['peak_mb'] < 300 else 'NOT met'}).",
     ]
-    mode = "--quick" if quick else ""
     head = (
-        f"Command: `python3 benchmarks/probe_engine.py {mode}`".rstrip()
+        f"Command: `python3 benchmarks/probe_engine.py{flags}`"
         + f", {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC.\n\n"
         + machine()
         + "\n\n"
@@ -473,7 +472,9 @@ def main() -> None:
             for server in servers:
                 server.kill()
                 server.wait()
-    text = report(rows, capped, memory, args.quick)
+    flags = (" --quick" if args.quick else "") + (f" --repeats {args.repeats}" if args.repeats != 2
+                                                   else "")  # fmt: skip
+    text = report(rows, capped, memory, flags)
     print(text)
     if args.output:
         args.output.write_text(text)
