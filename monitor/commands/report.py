@@ -110,13 +110,13 @@ def report_command(country: str, since: str | None, until: str | None, input_pat
                    history: str | None, prometheus: str | None, out_dir: str, step: int,
                    bin_seconds: int) -> None:
     """Write an incident report for one country: Markdown, self-contained HTML, PNG charts."""
-    from monitor.report import build_report, write_report  # matplotlib: only when asked
+    from monitor.report import build_report, country_info, write_report  # matplotlib: lazily
 
     since_t, until_t = _time_option(since, "--since"), _time_option(until, "--until")
     if since_t and until_t and since_t >= until_t:
         raise click.BadParameter("must be before --until", param_hint="--since")
-    cc = country.strip().upper()
     try:
+        cc = country_info(country).code
         result, source = _read(input_path, prometheus, history, cc, since_t, until_t, step)
         if result.frame.empty:
             raise InputError(f"{source}: no series for {cc} in the time asked for")
