@@ -10,6 +10,7 @@ from monitor import __version__
 from monitor.commands.config import config_group
 from monitor.commands.detect import detect_command
 from monitor.commands.detector import detector_command
+from monitor.commands.lab import lab_group
 from monitor.commands.probe import probe_command
 from monitor.commands.report import report_command
 from monitor.commands.run import run_command
@@ -32,6 +33,7 @@ cli.add_command(targets_group)
 cli.add_command(detect_command)
 cli.add_command(detector_command)
 cli.add_command(report_command)
+cli.add_command(lab_group)
 
 
 def main() -> None:

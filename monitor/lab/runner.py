@@ -24,11 +24,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
+import pandas as pd
 import yaml
 
 from monitor.clock import VirtualClock
-from monitor.config import load_config
+from monitor.config import Config, load_config
 from monitor.daemon import Daemon
+from monitor.detect import DetectorConfig
 from monitor.history import HistoryStore
 from monitor.lab.conditions import Applier
 from monitor.lab.scenarios import Check, Scenario, evaluate
@@ -88,8 +90,8 @@ class LabClock(VirtualClock):
         self.apply_s += time.monotonic() - began
 
 
-def lab_config(world: World, lab: Lab, scenario: Scenario, workdir: Path) -> dict[str, Any]:
-    """The daemon's configuration for a lab run (also written to workdir/lab.yaml)."""
+def lab_config(world: World, lab: Lab, interval_s: int, workdir: Path) -> dict[str, Any]:
+    """The daemon's configuration for a lab (written to workdir/lab.yaml), with its inputs."""
     inputs = write_inputs(world, workdir / "inputs")
     countries: dict[str, Any] = {}
     for country in world.countries:
@@ -105,7 +107,7 @@ def lab_config(world: World, lab: Lab, scenario: Scenario, workdir: Path) -> dic
     return {
         "vantage": {"name": f"lab-{lab.names.prefix}"},
         "listen": f"127.0.0.1:{API_PORT}",
-        "interval_s": scenario.interval_s,
+        "interval_s": interval_s,
         # The lab is our own namespaces: politeness limits would only slow lab time down.
         "pacing": {"rate_pps": None, "max_in_flight": 2048, "per_block_pps": None,
                    "per_block_burst": 8, "blocklist_file": None},
@@ -134,6 +136,7 @@ class RunResult:
     checks: list[Check]
     workdir: Path
     notes: list[str] = field(default_factory=list)
+    report: Path | None = None  # the report's Markdown file, when one was asked for
 
     @property
     def ok(self) -> bool:
@@ -263,11 +266,14 @@ def run_scenario(
     relay_port: int | None = None,
     min_round_wall_s: float = 0.0,
     keep_up: bool = False,
+    report_dir: Path | None = None,
+    report_country: str = "KZ",
     on_started: Any = None,
 ) -> RunResult:
     """Lab up, the daemon through the whole scenario, the incidents judged, lab down.
 
     `relay_port` (0: any free port) relays the daemon's API to the host's loopback;
+    `report_dir` gets the incident report of `report_country` (monitor.report) over the run;
     `on_started(lab, relay_port)` is called once the daemon runs (tests); `keep_up` leaves the
     lab standing afterwards (the caller then owns `lab.down()`).
     """
@@ -276,9 +282,7 @@ def run_scenario(
     began = time.monotonic()
     lab.up()
     try:
-        config_path = workdir / "lab.yaml"
-        config_path.write_text(yaml.safe_dump(lab_config(world, lab, scenario, workdir),
-                                              sort_keys=False))
+        config_path = write_lab_config(world, lab, scenario.interval_s, workdir)
         config = load_config(config_path)
         applier = Applier(lab)
         clock = LabClock(scenario, world, applier, min_round_wall_s)
@@ -298,6 +302,7 @@ def run_scenario(
             raise LabError(f"packets tried to leave the lab (dropped): {escaped}")
         with HistoryStore(config.history.path, config.history.retention_days) as store:
             stored = store.load_incidents()
+            frame = store.read_frame() if report_dir is not None else None
         incidents = surviving([i for i in stored])
         rounds_done = daemon.last.number
         result = RunResult(
@@ -307,12 +312,29 @@ def run_scenario(
             incidents=incidents, checks=evaluate(scenario, incidents), workdir=workdir,
             notes=list(scenario.notes),
         )
+        if report_dir is not None and frame is not None:
+            result.report = write_lab_report(frame, report_country, config, report_dir)
         if rounds_done < scenario.rounds:
             result.notes.append(f"stopped after {rounds_done} of {scenario.rounds} rounds")
         return result
     finally:
         if not keep_up:
             lab.down()
+
+
+def write_lab_config(world: World, lab: Lab, interval_s: int, workdir: Path) -> Path:
+    path = workdir / "lab.yaml"
+    path.write_text(yaml.safe_dump(lab_config(world, lab, interval_s, workdir), sort_keys=False))
+    return path
+
+
+def write_lab_report(frame: pd.DataFrame, country: str, config: Config, out_dir: Path) -> Path:
+    """The incident report (report.md, report.html, charts) of a lab run, as `report` makes it."""
+    from monitor.report import build_report, write_report
+
+    detector = DetectorConfig(**dict(config.detector))
+    report = build_report(frame, country, config=detector, source="the lab's history store")
+    return write_report(report, out_dir).markdown
 
 
 def vantage_incidents(incidents: list[dict[str, Any]]) -> list[dict[str, Any]]:
