@@ -391,10 +391,11 @@ class _Baselines:
     def learn(self, slot_of_bin: I64, learned: F64, residual: F64) -> None:
         """Accumulate one block of bins of today (NaN = nothing to learn)."""
         ok = np.isfinite(learned)
-        onehot = np.zeros((len(slot_of_bin), self.slots))
-        onehot[np.arange(len(slot_of_bin)), slot_of_bin] = 1.0
-        self.sum += np.where(ok, learned, 0.0) @ onehot
-        self.cnt += ok.astype(np.float64) @ onehot
+        # bins of one day come in time order, so each slot is one contiguous run of columns
+        starts = np.flatnonzero(np.diff(slot_of_bin, prepend=-1) != 0)
+        slots = slot_of_bin[starts]
+        self.sum[:, slots] += np.add.reduceat(np.where(ok, learned, 0.0), starts, axis=1)
+        self.cnt[:, slots] += np.add.reduceat(ok.astype(np.float64), starts, axis=1)
         self.warm_sum += np.where(ok, learned, 0).sum(axis=1)
         self.warm_cnt += ok.sum(axis=1)
         res_ok = np.isfinite(residual)
