@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import statistics
 import tempfile
 import time
@@ -108,11 +109,12 @@ def main() -> None:
         reader = HistoryStore(path, readonly=True)
         until = start + timedelta(seconds=(rounds - 1) * args.interval)
         since = until - timedelta(days=30)
-        timings = []
-        for _ in range(5):
-            t0 = time.perf_counter()
+        timings, cpu = [], []
+        for _ in range(7):
+            t0, c0 = time.perf_counter(), time.process_time()
             frame = reader.read_frame(country="KZ", since=since, until=until)
             timings.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
         t0 = time.perf_counter()
         one = reader.read_frame(country="KZ", since=since, until=until, scope="country",
                                 signals=["icmp_blocks_up"])
@@ -120,7 +122,8 @@ def main() -> None:
         reader.close()
         print(f"read 30 days of KZ: {len(frame):,} points in median "
               f"{statistics.median(timings):.3f}s (min {min(timings):.3f}s, "
-              f"max {max(timings):.3f}s)")
+              f"max {max(timings):.3f}s); CPU time median {statistics.median(cpu):.3f}s; "
+              f"load average during the run {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
         print(f"read 30 days of one series (KZ icmp_blocks_up): {len(one):,} points "
               f"in {one_s:.4f}s")
 

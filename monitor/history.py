@@ -65,6 +65,7 @@ CREATE TABLE IF NOT EXISTS chunks (
     offsets BLOB NOT NULL, vals BLOB NOT NULL,
     PRIMARY KEY (series_id, day)
 );
+CREATE INDEX IF NOT EXISTS chunks_by_day ON chunks (day);
 CREATE TABLE IF NOT EXISTS incidents (
     id TEXT PRIMARY KEY, country TEXT NOT NULL,
     start_t INTEGER NOT NULL, end_t INTEGER, doc TEXT NOT NULL
