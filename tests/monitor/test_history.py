@@ -349,3 +349,46 @@ def test_irregular_times_missed_rounds_and_single_points_round_trip(tmp_path: Pa
             store.flush()
         frame = store.read_frame(country="IR")
     same_points(frame, as_frame(written))
+
+
+STEADY_WRITER = textwrap.dedent("""
+    import sys
+    from datetime import UTC, datetime, timedelta
+    from monitor.history import HistoryStore
+    from monitor.series import SeriesPoint
+    t0 = datetime(2022, 1, 5, tzinfo=UTC)
+    with HistoryStore(sys.argv[1]) as store:
+        print("open", flush=True)
+        for i in range(int(sys.argv[2])):
+            when = t0 + timedelta(minutes=5 * i)
+            store.append_points([SeriesPoint(when, "KZ", "asn", asn, "icmp_blocks_up", float(i))
+                                 for asn in ("9198", "29355", "48503")])
+            store.flush()
+""")
+
+
+def test_readers_see_whole_rounds_while_the_writer_compacts(tmp_path: Path) -> None:
+    path = tmp_path / "h.sqlite"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", STEADY_WRITER, str(path), "1500"], stdout=subprocess.PIPE,
+        text=True, cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert writer.stdout is not None and writer.stdout.readline().strip() == "open"
+        reader = HistoryStore(path, readonly=True)
+        reads = 0
+        while writer.poll() is None or reads == 0:
+            frame = reader.read_frame(country="KZ")
+            reads += 1
+            sizes = frame.groupby("entity", observed=True).size()
+            assert sizes.nunique() <= 1, sizes  # every flush wrote all three: no half round
+            for _, group in frame.groupby("entity", observed=True):
+                steps = group["time"].diff().dropna()
+                assert (steps == pd.Timedelta(minutes=5)).all()  # no gap, no duplicate
+                assert group["value"].tolist() == [float(i) for i in range(len(group))]
+        reader.close()
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+        writer.wait(timeout=30)
+    assert writer.returncode == 0
+    assert reads >= 3
