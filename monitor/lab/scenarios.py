@@ -151,7 +151,7 @@ class Timing:
 
 
 FULL: Final = Timing(interval_s=300, history_h=48, event_h=4, after_h=3)
-COMPRESSED: Final = Timing(interval_s=900, history_h=26, event_h=3, after_h=2)
+COMPRESSED: Final = Timing(interval_s=1800, history_h=26, event_h=4, after_h=3)
 
 
 def _single(name: str, description: str, timing: Timing, events: list[Event],
@@ -215,7 +215,8 @@ def vantage_offline(compressed: bool = False) -> Scenario:
 
 
 def flapping(compressed: bool = False) -> Scenario:
-    t = COMPRESSED if compressed else FULL
+    # Compressed: 15-minute rounds, so an hour-long flap is still four rounds.
+    t = Timing(900, COMPRESSED.history_h, 0, 2) if compressed else FULL
     step = 1.0  # hours on, 0.75 h off: recoveries shorter than the detector's merge window
     events = [Event(CUT, t.at(i * (step + 0.75)), t.at(i * (step + 0.75) + step), KZ_ALL,
                     share=0.97) for i in range(3)]
