@@ -70,12 +70,17 @@ class Series:
 
 
 def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return _SMALL[value]
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+_SMALL: Final = tuple(bytes((n,)) for n in range(0x80))
 
 
 def _field(number: int, payload: bytes) -> bytes:
@@ -91,27 +96,34 @@ def _timestamp_varint(ms: int) -> bytes:
     return _varint(ms if ms >= 0 else ms + (1 << 64))
 
 
-class _LabelCache:
+class LabelCache:
     """Encoded label sets are reused: every round repeats the same series."""
 
     def __init__(self) -> None:
         self._cache: dict[Labels, bytes] = {}
+        self._pairs: dict[tuple[str, str], bytes] = {}  # one label, as a Label field
 
     def encode(self, labels: Labels) -> bytes:
         cached = self._cache.get(labels)
         if cached is None:
-            cached = b"".join(
-                _field(1, _field(1, name.encode()) + _field(2, value.encode()))
-                for name, value in labels)
-            if len(self._cache) > 100_000:
+            if len(self._cache) > 200_000:
                 self._cache.clear()
-            self._cache[labels] = cached
+                self._pairs.clear()
+            pairs = self._pairs
+            parts = []
+            for pair in labels:
+                encoded = pairs.get(pair)
+                if encoded is None:
+                    encoded = pairs[pair] = _field(
+                        1, _field(1, pair[0].encode()) + _field(2, pair[1].encode()))
+                parts.append(encoded)
+            cached = self._cache[labels] = b"".join(parts)
         return cached
 
 
-def encode_write_request(series: Iterable[Series], cache: _LabelCache | None = None) -> bytes:
+def encode_write_request(series: Iterable[Series], cache: LabelCache | None = None) -> bytes:
     """The protobuf bytes of a WriteRequest (uncompressed)."""
-    cache = cache or _LabelCache()
+    cache = cache or LabelCache()
     parts = []
     for one in series:
         body = [cache.encode(one.labels)]
@@ -260,7 +272,7 @@ class RemoteWriter:
         self.target = target
         self.buffer = RemoteBuffer(target.buffer_dir, target.buffer_max_bytes)
         self.counters = _Counters()
-        self._labels = _LabelCache()
+        self._labels = LabelCache()
         self._user_agent = user_agent
         self._sleep = sleep or asyncio.sleep
         self._wake = asyncio.Event()
@@ -279,7 +291,13 @@ class RemoteWriter:
         total = 0
         for batch, count in batches(series):
             payload = compress(encode_write_request(batch, self._labels))
-            self.buffer.append(payload, count)
+            try:
+                self.buffer.append(payload, count)
+            except OSError as exc:  # a full or read-only disk: this batch is lost, say so
+                self.buffer.dropped_samples += count
+                log.error("remote write %s: cannot buffer %d samples in %s: %s", self.name,
+                          count, self.buffer.directory, exc)
+                continue
             total += count
         if total:
             self._idle.clear()
