@@ -293,12 +293,13 @@ class EchoTemplate:
 
 
 class _Call:
-    """The bookkeeping of one probe_many call: its sink and how many results are still owed."""
+    """The bookkeeping of one probe_many call: its sink, its pacer, the results still owed."""
 
-    __slots__ = ("active", "done", "error", "fed", "on_result", "outstanding")
+    __slots__ = ("active", "done", "error", "fed", "on_result", "outstanding", "pacer")
 
-    def __init__(self, on_result: ResultSink, done: asyncio.Future[None]) -> None:
+    def __init__(self, on_result: ResultSink, pacer: Pacer, done: asyncio.Future[None]) -> None:
         self.on_result = on_result
+        self.pacer = pacer  # in-flight slots go back to the pacer they came from
         self.done = done
         self.outstanding = 0
         self.fed = False
@@ -407,7 +408,6 @@ class IcmpProber:
         self._deadlines: deque[_Pending] = deque()
         self._sweep_handle: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pacer: Pacer | None = None
         self._calls: set[_Call] = set()
         self._closed = False
 
@@ -437,12 +437,12 @@ class IcmpProber:
         if self._closed:
             raise ProbeSetupError("icmp: probe_many on a closed prober")
         loop = asyncio.get_running_loop()
-        if self._loop is None:
-            self._loop = loop
-        elif self._loop is not loop:
-            raise ProbeSetupError("icmp: a prober belongs to the event loop it was first used on")
-        self._pacer = pacer
-        call = _Call(on_result, loop.create_future())
+        if self._loop is not None and self._loop is not loop:
+            if self._calls or (self._loop.is_running() and not self._loop.is_closed()):
+                raise ProbeSetupError("icmp: the prober is in use on another event loop")
+            self._reset()  # an earlier asyncio.run() is over: reopen the sockets on this loop
+        self._loop = loop
+        call = _Call(on_result, pacer, loop.create_future())
         self._calls.add(call)
         try:
             await self._feed(targets, pacer, call, loop)
@@ -458,6 +458,10 @@ class IcmpProber:
     async def close(self) -> None:
         """Close the sockets; probes still in flight are released without a result."""
         self._closed = True
+        self._reset()
+
+    def _reset(self) -> None:
+        """Forget sockets, timers and probes in flight (on close, or before moving loops)."""
         if self._sweep_handle is not None:
             self._sweep_handle.cancel()
             self._sweep_handle = None
@@ -466,16 +470,16 @@ class IcmpProber:
                 self._loop.remove_reader(endpoint.sock.fileno())
             endpoint.close()
         self._endpoints.clear()
-        pacer = self._pacer
-        for entry in self._pending.values():
-            if not entry.answered and pacer is not None:
-                pacer.release_slot()
+        for entry in self._deadlines:  # every probe not yet swept, answered or not
+            if not entry.answered:
+                entry.call.pacer.release_slot()
         self._pending.clear()
         self._deadlines.clear()
         for call in list(self._calls):
             if not call.done.done():
                 call.done.set_exception(ProbeSetupError("icmp: prober closed during probe_many"))
         self._calls.clear()
+        self._loop = None
 
     # -- sending --------------------------------------------------------------------------
 
@@ -774,10 +778,8 @@ class IcmpProber:
     def _finish(self, entry: _Pending, result: ProbeResult) -> None:
         """Hand over the result of a probe in flight; the entry stays until its deadline."""
         entry.answered = True
-        pacer = self._pacer
-        if pacer is not None:
-            pacer.release_slot()
         call = entry.call
+        call.pacer.release_slot()
         call.outstanding -= 1
         if call.active and call.error is None:
             try:

@@ -391,20 +391,37 @@ def test_concurrent_calls_share_one_socket(vantage: Netns) -> None:
     first = addresses("10.77.8.0/24", 100)
     second = addresses("10.77.9.0/24", 100)
 
-    async def scenario() -> tuple[dict[str, ProbeResult], dict[str, ProbeResult], int]:
+    async def scenario() -> tuple[dict[str, ProbeResult], dict[str, ProbeResult], int, int]:
         prober = IcmpProber(timeout_s=0.5)
-        pacer = Pacer(FAST)
+        pacers = Pacer(FAST), Pacer(FAST)  # each call gives its slots back to its own pacer
         try:
             a, b = await asyncio.gather(
-                probe_all(prober, first, pacer), probe_all(prober, second, pacer)
+                probe_all(prober, first, pacers[0]), probe_all(prober, second, pacers[1])
             )
-            return a, b, len(prober.mode)
+            return a, b, len(prober.mode), pacers[0].in_flight + pacers[1].in_flight
         finally:
             await prober.close()
 
-    a, b, sockets = run_in_netns(vantage, scenario)
+    a, b, sockets, in_flight = run_in_netns(vantage, scenario)
     assert all(r.success for r in a.values()) and all(r.success for r in b.values())
     assert sockets == 1
+    assert in_flight == 0
+
+
+def test_prober_moves_to_a_new_event_loop_between_runs(vantage: Netns) -> None:
+    """A CLI may call asyncio.run() more than once with the same prober."""
+    prober = IcmpProber(timeout_s=0.5)
+
+    async def one_run() -> bool:
+        results = await probe_all(prober, addresses("10.77.12.0/24", 20))
+        return all(r.success for r in results.values())
+
+    async def close() -> None:
+        await prober.close()
+
+    assert run_in_netns(vantage, one_run)
+    assert run_in_netns(vantage, one_run)
+    run_in_netns(vantage, close)
 
 
 def test_host_name_target_is_resolved(vantage: Netns) -> None:
