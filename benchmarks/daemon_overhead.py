@@ -89,6 +89,9 @@ class SyntheticDriver:
         self.generate_s += time.perf_counter() - began
         return outcome
 
+    def checkpoint(self) -> None:
+        return None  # nothing learned to persist
+
     async def close(self) -> None:
         return None
 

@@ -57,6 +57,9 @@ class RoundDriver(Protocol):
 
     async def run(self, now: datetime) -> RoundOutcome: ...
 
+    def checkpoint(self) -> None:
+        """Persist what the driver learned (hitlists), so a driver built next starts from it."""
+
     async def close(self) -> None: ...
 
 
@@ -542,6 +545,9 @@ class Daemon:
             config = load_config(self.config_path)
             if self.shard_override is not None:
                 config = dataclasses.replace(config, shard=self.shard_override)
+            if self._driver is not None:
+                # The new driver reads the hitlist files: write what this one learned first.
+                self._driver.checkpoint()
             driver = self._driver_factory(config, config.shard)
             detector = self._make_detector(config) if config.detector != self.config.detector \
                 else None

@@ -105,6 +105,9 @@ class ConfiguredRoundDriver:
             self.save_hitlists()
         return outcome
 
+    def checkpoint(self) -> None:
+        self.save_hitlists()
+
     def save_hitlists(self) -> None:
         """Write every changed hitlist (atomically); a failure is logged, not fatal."""
         self._last_save = time.monotonic()

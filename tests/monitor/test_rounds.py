@@ -251,7 +251,7 @@ def test_configured_driver_probes_blocks_and_services_and_saves_the_hitlist(
     async def blocked(request: web.Request) -> web.Response:
         return web.Response(status=403, text="blocked by order")
 
-    async def scenario() -> tuple[RoundOutcome, RoundOutcome]:
+    async def scenario() -> tuple[RoundOutcome, RoundOutcome, int]:
         zone = {"gov.kz": DnsBehaviour(answers=["10.80.0.80"]),
                 "tampered.kz": DnsBehaviour(answers=["10.10.34.34"])}
         async with http_app(routes) as http_port, DnsResponder(zone) as dns:
@@ -279,11 +279,18 @@ def test_configured_driver_probes_blocks_and_services_and_saves_the_hitlist(
             try:
                 first = await driver.run(NOW)
                 second = await driver.run(NOW)
+                # A reload builds a new driver from the same files: it must start from what
+                # this one learnt, not from the last periodic save.
+                driver.checkpoint()
+                successor = ConfiguredRoundDriver(load_config(config_path))
+                successor_known = successor.hitlists["KZ"].known_blocks()
+                await successor.close()
             finally:
                 await driver.close()
-        return first, second
+        return first, second, successor_known
 
-    first, second = run_in_netns(lab, scenario)
+    first, second, successor_known = run_in_netns(lab, scenario)
+    assert successor_known == 3
     # Round 1 discovers (nothing known yet: an honest 0 of 0); round 2 counts blocks 0..2 up
     # and block 3 (dropped) was never learnt, so it is not counted at all.
     assert value(first, "country", "KZ", "icmp_blocks_total") == 0
