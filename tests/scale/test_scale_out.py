@@ -133,9 +133,10 @@ async def test_two_shards_two_vantages_outages_lose_nothing_and_shutdown_is_dete
         assert len(stamps) == len(set(stamps))
     gaps = {key: max(b - a for a, b in zip(sorted(s), sorted(s)[1:], strict=False))
             for key, s in stored.items()}
-    # Only the killed shard has a gap as long as its downtime.
+    # Only the killed shard has a gap as long as its downtime (the others at most miss a round
+    # skipped on a busy machine, and then their history misses it too).
     assert gaps[("fra", 1)] >= 4
-    assert all(gap <= 3 for key, gap in gaps.items() if key != ("fra", 1)), gaps
+    assert all(gap < gaps[("fra", 1)] for key, gap in gaps.items() if key != ("fra", 1)), gaps
 
 
 async def scenario(storage: VictoriaMetrics, daemons: Fleet, worlds: dict[str, World],
@@ -147,6 +148,12 @@ async def scenario(storage: VictoriaMetrics, daemons: Fleet, worlds: dict[str, W
     writers = [w for daemon, _ in daemons.running.values() for w in daemon._remote]
     assert any(w.buffer.samples_buffered > 0 for w in writers)
     assert any(w.counters.failures["connection"] > 0 for w in writers)
+    exposed = next(iter(daemons.running.values()))[0].exposition()[0].decode()
+    buffered = [line for line in exposed.splitlines()
+                if line.startswith('shutdown_monitor_remote_write_samples_buffered{remote="vm"}')]
+    assert buffered and float(buffered[0].split()[-1]) > 0, buffered
+    assert 'shutdown_monitor_remote_write_failures_total{reason="connection",remote="vm"}' \
+        in exposed
     await asyncio.to_thread(storage.start)
     # One shard dies for a while and comes back on its own state.
     await daemons.stop(("fra", 1))
@@ -174,6 +181,6 @@ async def scenario(storage: VictoriaMetrics, daemons: Fleet, worlds: dict[str, W
     assert not any(i["country"] == "UZ" for i in central.incidents())
     # The scraping Prometheus saw the same fleet (the restarted shard listens on a new port
     # it does not know, so fra has one healthy target left).
-    scraped = await scraper.aquery("count by (vantage) (up == 1)")
-    assert {r["metric"]["vantage"]: float(r["value"][1]) for r in scraped} == {
-        "ams": 2.0, "fra": 1.0}
+    scraped = await scraper.aquery("count by (vantage) (max_over_time(up[6s]) == 1)")
+    healthy_targets = {r["metric"]["vantage"]: float(r["value"][1]) for r in scraped}
+    assert healthy_targets["ams"] == 2.0 and healthy_targets["fra"] >= 1.0, healthy_targets
