@@ -174,8 +174,9 @@ class Incident:
             "severity": self.severity,
             "start": format_time(self.start),
             "end": None if self.end is None else format_time(self.end),
-            "min_level": round(self.min_level, 4),
-            "score": round(self.score, 3),
+            # JSON has no infinity: a level never measured is reported as 0
+            "min_level": round(self.min_level, 4) if math.isfinite(self.min_level) else 0.0,
+            "score": round(self.score, 3) if math.isfinite(self.score) else 0.0,
             "signals": list(self.signals),
             "networks": [dict(n) for n in self.networks],
             "recoveries": [[format_time(a), format_time(b)] for a, b in self.recoveries],
@@ -1067,7 +1068,9 @@ def _feed_sorted(engine: _Engine, bins: I64, values: F64, row_measure: I64,
             continue
         absolute = d * per_day + first_bin + np.arange(width)
         engine.baselines.roll_to(d)
-        if engine.baselines.has_history(d)[np.isfinite(up).any(axis=1)].all():
+        # the vantage's own series never learn a baseline: they must not force the slow path
+        learning = np.isfinite(up).any(axis=1) & (engine._groups().roles != ROLE_VANTAGE)
+        if engine.baselines.has_history(d)[learning].all():
             engine.process(absolute[present], up[:, present], tot[:, present])
         else:  # warm-up: bin by bin so the flat baseline follows what was seen so far
             for j in np.flatnonzero(present):
