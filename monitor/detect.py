@@ -109,6 +109,8 @@ class DetectorConfig:
     """RTT this many times its baseline (reachability intact): throttling warning."""
     rtt_critical_factor: float = 10.0
     """RTT this many times its baseline: throttling critical."""
+    rtt_min_increase_s: float = 0.05
+    """...and at least this many seconds above it: a 40 us RTT tripling on a busy host is noise."""
     loss_warning_increase: float = 0.3
     """Loss fraction this much above its baseline: throttling warning."""
     loss_critical_increase: float = 0.6
@@ -715,9 +717,10 @@ class _Engine:
                                           np.where(upper < cfg.warning, 1, 0)), UNKNOWN)
         # performance measures: a rise is bad; their level is reported as fraction of normal
         with np.errstate(invalid="ignore", divide="ignore"):
-            rtt_status = np.where(level >= cfg.rtt_critical_factor, 2,
-                                  np.where(level >= cfg.rtt_warning_factor, 1, 0))
             rise = value - base
+            rtt_status = np.where(rise < cfg.rtt_min_increase_s, 0,
+                                  np.where(level >= cfg.rtt_critical_factor, 2,
+                                           np.where(level >= cfg.rtt_warning_factor, 1, 0)))
             loss_status = np.where(rise >= cfg.loss_critical_increase, 2,
                                    np.where(rise >= cfg.loss_warning_increase, 1, 0))
             status = np.where((roles == ROLE_RTT) & known, rtt_status, status)
