@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import socket
 
 import pytest
 from hypothesis import given
@@ -155,3 +156,132 @@ def test_dropped_syn_is_timeout_and_routes_map_to_unreachable() -> None:
     assert results["unreachable_route"].failure is Failure.HOST_UNREACHABLE
     assert results["no_route"].failure is Failure.NETWORK_UNREACHABLE
     assert not results["no_route"].reachable
+
+
+# --- the batched connect engine: many attempts in flight, sweeps, slots, a failing sink ----------
+
+
+@needs_root
+def test_many_targets_in_flight_each_get_their_own_answer() -> None:
+    """600 targets at once in a namespace: AnyIP makes 10.9.0.0/16 local, a listener takes
+    port P on every address; the odd addresses are firewalled (dropped), a /24 has no route."""
+    with Netns() as ns:
+        ns.exec("ip", "route", "add", "local", "10.9.0.0/16", "dev", "lo")
+        ns.exec("ip", "route", "add", "unreachable", "10.8.0.0/24")
+
+        async def scenario() -> tuple[list[ProbeResult], int]:
+            async with raw_tcp_server(_accept_and_wait, host="0.0.0.0") as port:
+                ns.exec(
+                    "nft", "add table inet t ; add chain inet t in { type filter hook input "
+                    "priority 0 ; } ; add rule inet t in ip daddr 10.9.1.0/24 tcp dport "
+                    f"{port} drop",
+                )
+                targets = [Target(f"10.9.0.{i}") for i in range(1, 201)]
+                targets += [Target(f"10.9.1.{i}") for i in range(1, 201)]
+                targets += [Target(f"10.8.0.{i}") for i in range(1, 201)]
+                pacer = Pacer(PacingPolicy(rate_pps=None, per_block_pps=None, max_in_flight=300))
+                results = await _probe(TcpProber(ports=(port,), timeout_s=0.5), targets, pacer)
+                return results, pacer.in_flight
+
+        results, in_flight = run_in_netns(ns, scenario)
+    assert len(results) == 600 and in_flight == 0
+    by_net: dict[str, set[tuple[bool, Failure | None]]] = {}
+    for result in results:
+        net = result.target.address.rsplit(".", 1)[0]
+        by_net.setdefault(net, set()).add((result.success, result.failure))
+    assert by_net == {
+        "10.9.0": {(True, None)},
+        "10.9.1": {(False, Failure.TIMEOUT)},
+        "10.8.0": {(False, Failure.HOST_UNREACHABLE)},
+    }
+    assert len({r.target for r in results}) == 600
+
+
+async def test_refused_port_then_open_port_with_many_targets_in_flight() -> None:
+    closed = free_port()
+    async with raw_tcp_server(_accept_and_wait) as open_port:
+        targets = [Target("127.0.0.1")] * 100
+        results = await _probe(TcpProber(ports=(closed, open_port)), targets)
+    assert len(results) == 100
+    for result in results:
+        assert result.success and result.details["port"] == open_port
+        assert result.details["ports"] == {
+            str(closed): "connection_refused",
+            f"{closed}_errno": "ECONNREFUSED",
+            str(open_port): "open",
+        }
+
+
+async def test_every_port_refused_is_reachable_not_success() -> None:
+    ports = (free_port(), free_port())
+    [result] = await _probe(TcpProber(ports=ports), [Target("127.0.0.1")])
+    assert result.reachable and not result.success
+    assert result.failure is Failure.CONNECTION_REFUSED
+    assert result.details["port"] == ports[0]
+
+
+async def test_in_flight_cap_is_held_and_slots_come_back() -> None:
+    seen: list[int] = []
+    pacer = Pacer(PacingPolicy(rate_pps=None, per_block_pps=None, max_in_flight=7))
+
+    async with raw_tcp_server(_accept_and_wait) as port:
+        prober = TcpProber(ports=(port,))
+        await prober.probe_many(
+            [Target("127.0.0.1")] * 50, pacer, lambda r: seen.append(pacer.in_flight)
+        )
+    assert len(seen) == 50 and max(seen) < 7
+    assert pacer.in_flight == 0
+
+
+async def test_a_failing_sink_stops_the_call_and_is_raised() -> None:
+    pacer = _pacer()
+    calls = 0
+
+    def sink(result: ProbeResult) -> None:
+        nonlocal calls
+        calls += 1
+        raise RuntimeError("sink broke")
+
+    async with raw_tcp_server(_accept_and_wait) as port:
+        with pytest.raises(RuntimeError, match="sink broke"):
+            await TcpProber(ports=(port,)).probe_many([Target("127.0.0.1")] * 20, pacer, sink)
+    assert calls == 1
+    assert pacer.in_flight == 0
+
+
+async def test_cancelled_call_closes_its_sockets_and_gives_slots_back() -> None:
+    """Connects to a listener whose backlog is full hang; cancelling the call must free all."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    pacer = _pacer()
+    try:
+        task = asyncio.create_task(
+            TcpProber(ports=(port,), timeout_s=30).probe_many(
+                [Target("127.0.0.1")] * 20, pacer, lambda r: None
+            )
+        )
+        await asyncio.sleep(0.3)
+        assert pacer.in_flight > 0
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        listener.close()
+    assert pacer.in_flight == 0
+
+
+async def test_extra_ports_are_paced_too() -> None:
+    closed = free_port()
+    pacer = Pacer(PacingPolicy(rate_pps=None, per_block_pps=None))
+    async with raw_tcp_server(_accept_and_wait) as open_port:
+        await _probe(TcpProber(ports=(closed, open_port)), [Target("127.0.0.1")] * 3, pacer)
+    assert pacer.admitted == 6  # two SYNs per target, each one booked
+
+
+async def test_blocklist_applies_to_the_address_a_name_resolves_to() -> None:
+    pacer = _pacer(Blocklist.from_cidrs(["127.0.0.0/8", "::1/128"]))
+    [result] = await _probe(TcpProber(ports=(80,)), [Target("localhost")], pacer)
+    assert result.failure is Failure.BLOCKED_BY_POLICY
+    assert pacer.in_flight == 0
