@@ -91,9 +91,6 @@ class Lab:
             "control": {"hosts": ["198.18.0.1", "198.18.0.2"], "min_up_fraction": 0.5},
             "history": {"path": "var/history.sqlite"},
             "sinks": self.sinks,
-            # Loopback RTTs (tens of microseconds) jump by multiples when the machine is busy:
-            # RTT throttling is not what these tests are about, so its thresholds are set aside.
-            "detector": {"rtt_warning_factor": 1e6, "rtt_critical_factor": 1e7},
         }
 
     def write_config(self) -> Path:

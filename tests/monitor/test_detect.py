@@ -286,3 +286,25 @@ def test_six_years_of_dutch_traffic_raise_no_nationwide_shutdown() -> None:
     found = detect(frame)
     assert [i for i in found if i.kind == KIND_NATIONWIDE] == []
     assert [i for i in found if i.severity == "critical"] == []
+
+
+def test_microsecond_rtt_jitter_on_a_busy_host_is_not_throttling() -> None:
+    """Loopback-scale RTTs that triple (40 us -> 200 us) rise by far less than any real
+    throttling; a 60 ms path going to 600 ms is throttling."""
+    index = times(3)
+    onset = T0 + timedelta(days=2, hours=8)
+    noise = 1 + 0.05 * np.random.default_rng(4).standard_normal(len(index))
+
+    def with_rtt(base_s: float) -> pd.DataFrame:
+        rtt = base_s * noise * step(index, onset, None, 5.0)
+        return pd.concat([
+            counts(index, "KZ", "country", "KZ", 300, np.ones(len(index)), seed=1),
+            pd.DataFrame({"time": index, "country": "KZ", "scope": "country", "entity": "KZ",
+                          "signal": "rtt_p50_seconds", "value": rtt}),
+        ], ignore_index=True)
+
+    assert detect(with_rtt(40e-6)) == []
+    # Only the absolute floor keeps it quiet: without it the same series is "throttling".
+    unfloored = DetectorConfig(rtt_min_increase_s=0.0)
+    assert [i.kind for i in detect(with_rtt(40e-6), config=unfloored)] == [KIND_THROTTLING]
+    assert [(i.kind, i.start) for i in detect(with_rtt(0.06))] == [(KIND_THROTTLING, onset)]
