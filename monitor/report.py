@@ -23,6 +23,7 @@ from typing import Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 
 from monitor import charts
@@ -225,32 +226,65 @@ def _pick_main(incidents: Sequence[Incident]) -> Incident | None:
     return None
 
 
-def _levels(trace: pd.DataFrame) -> pd.DataFrame:
+def wilson_upper(up: npt.NDArray[np.float64], total: npt.NDArray[np.float64],
+                 z: float) -> npt.NDArray[np.float64]:
+    """Upper Wilson bound of up/total: the optimistic share a small sample still allows."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = up / total
+        denom = 1 + z * z / total
+        center = (p + z * z / (2 * total)) / denom
+        half = z * np.sqrt(np.maximum(p * (1 - p) / total + z * z / (4 * total * total), 0))
+        return np.asarray((center + half) / denom, dtype=np.float64)
+
+
+def _levels(trace: pd.DataFrame, totals: pd.DataFrame, z: float) -> pd.DataFrame:
     """Entity level per bin: the worst reachability signal (http/dns where there is no other),
-    as the detector does. Columns time, scope, entity, level, weight_base."""
+    as the detector does. Columns time, scope, entity, level, upper (the optimistic level a
+    small sample allows, what thresholds are judged on), baseline."""
     roles = trace["signal"].map(signal_role)
     reach = trace[roles == ROLE_REACH]
     service = trace[(roles == ROLE_SERVICE)
                     & ~trace.set_index(["scope", "entity"]).index.isin(
                         reach.set_index(["scope", "entity"]).index)]
     used = pd.concat([reach, service], ignore_index=True)
+    if not totals.empty:
+        used = used.merge(totals, on=["time", "scope", "entity", "signal"], how="left")
+    else:
+        used = used.assign(total=np.nan)
+    value, base = used["value"].to_numpy(), used["baseline"].to_numpy()
+    total = used["total"].to_numpy(dtype=np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        level = np.where(used["baseline"] > 0, used["value"] / used["baseline"], np.nan)
-    used = used.assign(level=level)
+        level = np.where(base > 0, value / base, np.nan)
+        bound = wilson_upper(value * total, total, z) / base
+    upper = np.where(np.isfinite(bound), np.fmax(bound, level), level)
+    used = used.assign(level=level, upper=upper)
     return (used.groupby(["time", "scope", "entity"], observed=True, sort=True)
-            .agg(level=("level", "min"), baseline=("baseline", "max")).reset_index())
+            .agg(level=("level", "min"), upper=("upper", "min"), baseline=("baseline", "max"))
+            .reset_index())
 
 
-def _totals(frame: pd.DataFrame, country: str, bin_seconds: int) -> pd.DataFrame:
-    """Targets probed per (bin, scope, entity): the detector's weights for size."""
-    rows = frame[(frame["country"].astype(str) == country)
-                 & frame["signal"].astype(str).str.endswith("_total")]
+def _signal_totals(frame: pd.DataFrame, country: str, bin_seconds: int) -> pd.DataFrame:
+    """Targets probed per (bin, scope, entity, signal): `x_total` rows keyed as `x_up`."""
+    # work on the distinct signal names, not on a million strings
+    names = {str(n): str(n)[: -len("_total")] + "_up" for n in pd.unique(frame["signal"])
+             if str(n).endswith("_total")}
+    rows = frame[(frame["country"] == country) & frame["signal"].isin(list(names))]
     if rows.empty:
-        return pd.DataFrame(columns=["time", "scope", "entity", "total"])
+        return pd.DataFrame(columns=["time", "scope", "entity", "signal", "total"])
     times = pd.to_datetime(rows["time"], utc=True).dt.floor(f"{bin_seconds}s")
     out = pd.DataFrame({"time": times, "scope": rows["scope"].astype(str),
-                        "entity": rows["entity"].astype(str), "total": rows["value"]})
-    return out.groupby(["time", "scope", "entity"], sort=False).max().reset_index()
+                        "entity": rows["entity"].astype(str),
+                        "signal": rows["signal"].astype(str).map(names),
+                        "total": rows["value"].astype(float)})
+    return out.groupby(["time", "scope", "entity", "signal"], sort=False).max().reset_index()
+
+
+def _entity_totals(signal_totals: pd.DataFrame) -> pd.DataFrame:
+    """Targets probed per (bin, scope, entity): the detector's weights for size."""
+    if signal_totals.empty:
+        return pd.DataFrame(columns=["time", "scope", "entity", "total"])
+    return (signal_totals.groupby(["time", "scope", "entity"], sort=False)["total"].max()
+            .reset_index())
 
 
 def _country_level(levels: pd.DataFrame, totals: pd.DataFrame, country: str,
@@ -322,15 +356,17 @@ def _entity_rows(levels: pd.DataFrame, scope: str, bin_hours: float,
     rows = []
     for entity, part in levels[levels["scope"] == scope].groupby("entity", sort=False):
         lv = part["level"].to_numpy()
+        upper = part["upper"].to_numpy()
         finite = np.isfinite(lv)
         if not finite.any():
             continue
         k = int(np.nanargmin(lv))
+        sure = upper[np.isfinite(upper)]  # judged like the detector: on the optimistic side
         rows.append(EntityRow(
             scope, str(entity), _entity_label(scope, str(entity)), float(lv[k]),
             pd.Timestamp(part["time"].iloc[k]).to_pydatetime(),
-            float((lv[finite] < config.warning).sum() * bin_hours),
-            float((lv[finite] < config.critical).sum() * bin_hours)))
+            float((sure < config.warning).sum() * bin_hours),
+            float((sure < config.critical).sum() * bin_hours)))
     rows.sort(key=lambda r: (r.lowest, -r.hours_below_warning, r.label))
     return rows
 
@@ -396,8 +432,9 @@ def build_report(frame: pd.DataFrame, country: str, *, since: datetime | None = 
     window = trace[(trace["time"] >= start) & (trace["time"] < end)]
     scopes = set(window["scope"].unique())
     sub_scope = "asn" if "asn" in scopes else "region" if "region" in scopes else ""
-    totals = _totals(frame, cc, bin_seconds)
-    levels = _levels(window)
+    signal_totals = _signal_totals(frame, cc, bin_seconds)
+    totals = _entity_totals(signal_totals)
+    levels = _levels(window, signal_totals, cfg.confidence_z)
     country_level = _country_level(levels, totals, cc, sub_scope)
     mine = [i for i in incidents if i.country == cc and _overlaps(i, start, end)]
     vantage = [i for i in incidents
@@ -537,6 +574,10 @@ def _entity_table(report: Report) -> list[Block]:
                   f"{r.hours_below_warning:.0f} h", f"{r.hours_below_critical:.0f} h")
                  for r in report.entity_rows[:MAX_TABLE_ROWS])
     blocks = [Block("h2", f"{noun}, most affected first"),
+              Block("p", "Lowest level: the lowest measured share of ordinary. Time below a "
+                    "threshold counts only bins where even the optimistic end of the "
+                    "measurement (small samples are uncertain) stayed below it, as the detector "
+                    "judges."),
               Block("table", header=(noun[:-1], "Lowest level", "When",
                                      f"Time below {report.config.warning:.0%}",
                                      f"Time below {report.config.critical:.0%}"),
