@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 
 CENTRAL_NAME: Final = "central"
 PROMETHEUS_MAX_POINTS: Final = 10_000
+# Series without a vantage label (one vantage, scraped without relabelling) form one vantage.
+UNLABELLED: Final = "unlabelled"
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,10 +103,10 @@ def read_vantages(settings: CentralSettings, since: datetime, until: datetime) -
             by = f"{label}, country, asn, method" if by_asn else f"{label}, country, method"
             query = f"sum by ({by}) ({metric}{selector})"
             for labels, values in collect(query):
-                vantage, country = labels.get(label, ""), labels.get("country", "").upper()
-                method = labels.get("method", "")
-                if not vantage or not country or not method:
-                    problems.append(f"{query}: a series without {label}/country/method labels "
+                vantage = labels.get(label) or UNLABELLED
+                country, method = labels.get("country", "").upper(), labels.get("method", "")
+                if not country or not method:
+                    problems.append(f"{query}: a series without country/method labels "
                                     f"({labels}): skipped")
                     continue
                 scope, entity = ("asn", labels.get("asn", "")) if by_asn else ("country", country)
@@ -122,10 +124,7 @@ def read_vantages(settings: CentralSettings, since: datetime, until: datetime) -
     health_rows = []
     query = f"avg by ({label}) (shutdown_monitor_vantage_up)"
     for labels, values in collect(query):
-        vantage = labels.get(label, "")
-        if not vantage:
-            problems.append(f"{query}: a series without the {label} label: skipped")
-            continue
+        vantage = labels.get(label) or UNLABELLED
         for pair in values:
             try:
                 health_rows.append((datetime.fromtimestamp(float(pair[0]), UTC), vantage,

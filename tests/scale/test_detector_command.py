@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -17,12 +18,15 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from click.testing import CliRunner
 
+from monitor.central import CentralDetector, CentralSettings, read_vantages
 from monitor.cli import cli
+from monitor.clock import RealClock
 from monitor.remote_write import RemoteWriter, RemoteWriteTarget, Series
 from tests.prom import free_port
 from tests.scale.storage import VictoriaMetrics, needs_victoria_metrics
@@ -116,3 +120,32 @@ def test_detector_command_rejects_bad_options_clearly() -> None:
     result = runner.invoke(cli, ["detector", "--prometheus", "http://127.0.0.1:1",
                                  "--vantage-label", "1bad"])
     assert result.exit_code == 2 and "expected a Prometheus label name" in result.output
+
+
+@needs_victoria_metrics
+def test_reader_skips_malformed_series_and_survives_a_dead_storage(tmp_path: Path) -> None:
+    now = int(time.time()) // BIN_S * BIN_S
+    ms = (now - BIN_S) * 1000
+    good = {"__name__": "shutdown_monitor_targets", "country": "KZ", "method": "icmp",
+            "asn": ""}
+    no_country = {"__name__": "shutdown_monitor_targets_up", "method": "icmp", "asn": ""}
+    series = [Series(tuple(sorted(labels.items())), ((7.0, ms),))
+              for labels in (good, no_country)]
+    settings = CentralSettings("", bin_seconds=BIN_S, lag_s=0, history_s=600)
+    with VictoriaMetrics() as storage:
+        asyncio.run(write(storage.write_url, tmp_path / "buffer", series))
+        storage.flush()
+        readings = read_vantages(dataclasses.replace(settings, prometheus_url=storage.url),
+                                 datetime.fromtimestamp(now - 300, UTC),
+                                 datetime.fromtimestamp(now, UTC))
+        dead_url = storage.url
+    # No vantage label: one vantage, "unlabelled"; no country label: skipped and said so.
+    assert set(readings.counts["vantage"]) == {"unlabelled"}
+    assert set(readings.counts["total"]) == {7.0}
+    assert any("without country/method labels" in p for p in readings.problems)
+
+    central = CentralDetector(dataclasses.replace(settings, prometheus_url=dead_url,
+                                                  query_timeout_s=2), RealClock())
+    assert asyncio.run(central.step()) == []  # logged and retried, never raised
+    assert central.stats.query_errors == 1 and "cannot reach" in str(central.last_error)
+    assert central.next_bin is None  # nothing judged: the same bins are asked for again
