@@ -346,7 +346,12 @@ class RemoteWriter:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            outcome = await self._send(segment.payload)
+            try:
+                outcome = await self._send(segment.payload)
+            except Exception:
+                # A bug must not end delivery for the months the daemon runs: log, back off.
+                log.exception("remote write %s: sending failed unexpectedly", self.name)
+                outcome = "retry"
             if outcome == "ok" or outcome == "rejected":
                 if outcome == "ok":
                     self.counters.samples_sent += segment.samples
