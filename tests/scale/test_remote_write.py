@@ -19,7 +19,9 @@ import pytest
 import yaml
 from aiohttp import web
 
+from monitor.clock import RealClock
 from monitor.config import load_config
+from monitor.daemon import Daemon
 from monitor.errors import ConfigError
 from monitor.export import MetricsState, make_registry
 from monitor.remote_buffer import RemoteBuffer
@@ -42,6 +44,7 @@ from tests.scale.storage import (
     restart_prometheus,
     stop_prometheus,
 )
+from tests.scale.worlds import World, write_config
 
 LABELS = {"job": "shutdown-monitor", "instance": "127.0.0.1:9310", "vantage": "ams"}
 
@@ -360,3 +363,45 @@ async def test_prometheus_outage_loses_nothing(tmp_path: Path) -> None:
     [series] = raw
     assert [round(float(t) * 1000) for t, _ in series["values"]] == stamps
     assert sender.counters.failures["connection"] > 0
+
+
+# ---------------------------------------------------------------- in the daemon
+
+
+async def test_daemon_writes_each_round_and_follows_a_reload(tmp_path: Path) -> None:
+    """A real daemon on loopback (one HTTP endpoint as its "country"): every round reaches the
+    remote-write receiver stamped with the round's time; SIGHUP's reload moves it to another."""
+    async with World() as world, Scripted([]) as first, Scripted([]) as second:
+        def config(url: str) -> Path:
+            return write_config(tmp_path, "ams", world.port, remote_write=[
+                {"url": url, "name": "main", "timeout_s": 2,
+                 "external_labels": {"region": "eu"}}])
+
+        path = config(first.url)
+        daemon = Daemon(load_config(path), RealClock(), config_path=path, listen="127.0.0.1:0")
+        task = asyncio.create_task(daemon.run())
+        try:
+            deadline = time.monotonic() + 30
+            while len(first.accepted) < 2:
+                assert time.monotonic() < deadline and not task.done()
+                await asyncio.sleep(0.05)
+            config(second.url)
+            daemon.request_reload()
+            while len(second.accepted) < 2:
+                assert time.monotonic() < deadline and not task.done()
+                await asyncio.sleep(0.05)
+        finally:
+            daemon.request_stop()
+            assert await asyncio.wait_for(task, timeout=15) == 0
+    counters = [s for request in first.accepted + second.accepted for s in request
+                if dict(s.labels)["__name__"] == "shutdown_monitor_rounds_total"]
+    assert len(counters) >= 4
+    for series in counters:
+        assert {k: v for k, v in series.labels if k in ("vantage", "region", "job")} == {
+            "vantage": "ams", "region": "eu", "job": "shutdown-monitor"}
+        [(_, ms)] = series.samples
+        assert ms % 1000 == 0  # the round's aligned time (1 s rounds), not the send time
+    up = [s for request in first.accepted for s in request
+          if dict(s.labels)["__name__"] == "shutdown_monitor_targets_up"
+          and dict(s.labels)["country"] == "KZ"]
+    assert up and all(value == 8.0 for s in up for value, _ in s.samples)
