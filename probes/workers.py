@@ -1,0 +1,495 @@
+"""One prober spread over N worker processes, for rates one Python thread cannot reach.
+
+The parent keeps all politeness: the caller's Pacer decides the blocklist, the in-flight cap and
+the rates before a target is handed to a worker, and a slot comes back when the target's result
+does. Workers probe what they are given at once. Targets travel to the workers in chunks and
+results come back in chunks, as plain tuples (cheap to pickle), over one socketpair per worker.
+
+Workers are `python -m probes.workers FD` processes started from the calling thread, so they
+live in that thread's network namespace. ICMP datagram sockets get a distinct echo id per
+worker from the kernel, so each worker receives only its own replies.
+
+Not the default anywhere: on a machine with one free core it only adds copying. Limits: extra
+TCP ports of one target are not booked against the caller's rates (the worker tries them at
+once), and a worker that dies ends its probes in flight as `Failure.OTHER`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import os
+import pickle
+import signal
+import socket
+import struct
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, ClassVar
+
+from probes.base import (
+    Failure,
+    ProbeResult,
+    ProbeSetupError,
+    ResultSink,
+    Target,
+    blocked_result,
+)
+from probes.pacing import Blocklist, Pacer, PacingPolicy
+
+# method -> "module:class" of the prober a worker runs.
+PROBER_CLASSES = {
+    "icmp": "probes.icmp:IcmpProber",
+    "tcp": "probes.tcp:TcpProber",
+    "http": "probes.http:HttpProber",
+    "dns": "probes.dns:DnsProber",
+}
+# Targets per chunk sent to a worker (a chunk also goes out early when the feeder must wait).
+CHUNK = 256
+_FRAME = struct.Struct("!I")
+_FAILURES = {str(f): f for f in Failure}
+_PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
+
+# A target on the wire: (id, address, port, url, query); a result: (id, reachable, success,
+# failure name or None, rtt_s, started_at, details).
+WireResult = tuple[int, bool, bool, str | None, float | None, float, dict[str, Any]]
+
+
+def _frame(message: object) -> bytes:
+    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return _FRAME.pack(len(body)) + body
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> Any:
+    (size,) = _FRAME.unpack(await reader.readexactly(_FRAME.size))
+    return pickle.loads(await reader.readexactly(size))
+
+
+class _Worker:
+    """One worker process, its stream, and the ids of the targets it holds."""
+
+    def __init__(
+        self,
+        process: asyncio.subprocess.Process,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        self.process = process
+        self.reader = reader
+        self.writer = writer
+        self.ids: set[int] = set()
+        self.stats: dict[str, int] = {}
+        self.blocklist: Blocklist | None = None
+        self.alive = True
+        self.info: dict[str, Any] = {}  # what the worker said when ready (pid, ICMP echo id)
+        self.reader_task: asyncio.Task[None] | None = None
+
+
+class _PoolCall:
+    """One probe_many call: its sink and pacer, the results still owed, the error to raise."""
+
+    __slots__ = ("done", "error", "fed", "on_result", "outstanding", "pacer")
+
+    def __init__(self, on_result: ResultSink, pacer: Pacer, done: asyncio.Future[None]) -> None:
+        self.on_result = on_result
+        self.pacer = pacer
+        self.done = done
+        self.outstanding = 0
+        self.fed = False
+        self.error: BaseException | None = None
+
+    def give(self, result: ProbeResult) -> None:
+        if self.error is not None:
+            return
+        try:
+            self.on_result(result)
+        except Exception as exc:  # the caller's sink failed: stop this call, report it there
+            self.fail(exc)
+
+    def fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+class WorkerPoolProber:
+    """Runs the prober of `method` (built with `options`) in `workers` processes.
+
+    Use a subclass that names the method (IcmpWorkerPool, TcpWorkerPool, ...) or `worker_pool`.
+    `stats`: the workers' counters summed (for ICMP: sent, echo_replies, malformed, wrong_id...).
+    """
+
+    method: ClassVar[str] = ""
+
+    def __init__(self, workers: int = 2, **options: Any) -> None:
+        if self.method not in PROBER_CLASSES:
+            raise ProbeSetupError(f"worker pool: no prober for method {self.method!r}")
+        if workers < 1:
+            raise ProbeSetupError(f"worker pool: workers must be at least 1, got {workers}")
+        _prober_class(self.method)(**options)  # bad options fail here, not in a worker
+        self.workers = workers
+        self.options = options
+        self._workers: list[_Worker] = []
+        self._last_workers: list[_Worker] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: dict[int, tuple[Target, _PoolCall, _Worker]] = {}
+        self._calls: set[_PoolCall] = set()
+        self._next_id = 0
+        self._closed = False
+
+    @property
+    def stats(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for worker in self._workers or self._last_workers:
+            for key, value in worker.stats.items():
+                total[key] = total.get(key, 0) + value
+        return total
+
+    @property
+    def pids(self) -> list[int]:
+        return [worker.process.pid for worker in self._workers if worker.alive]
+
+    @property
+    def worker_info(self) -> list[dict[str, Any]]:
+        """Per live worker: its pid and, for ICMP, its echo id and socket kind."""
+        return [dict(worker.info) for worker in self._workers if worker.alive]
+
+    async def start(self) -> None:
+        """Start the workers now (probe_many starts them on first use). Raises ProbeSetupError
+        when a worker cannot run the prober (bad options, no ICMP socket permission)."""
+        await self._start()
+
+    async def probe_many(
+        self, targets: Iterable[Target], pacer: Pacer, on_result: ResultSink
+    ) -> None:
+        await self._start()
+        loop = asyncio.get_running_loop()
+        call = _PoolCall(on_result, pacer, loop.create_future())
+        self._calls.add(call)
+        try:
+            await self._feed(targets, pacer, call)
+            call.fed = True
+            if call.outstanding and call.error is None:
+                await call.done
+            if call.error is not None:
+                raise call.error
+        finally:
+            self._calls.discard(call)
+            if call.outstanding:  # stopped early: forget its targets, give their slots back
+                for key, (_target, owner, worker) in list(self._pending.items()):
+                    if owner is call:
+                        del self._pending[key]
+                        worker.ids.discard(key)
+                        pacer.release_slot()
+                call.outstanding = 0
+
+    async def close(self) -> None:
+        """Ask the workers to finish, wait a moment, then kill what is left."""
+        self._closed = True
+        workers, self._workers = self._workers, []
+        self._last_workers = workers  # their final counters stay readable in `stats`
+        for worker in workers:
+            if worker.alive:
+                with contextlib.suppress(Exception):
+                    worker.writer.write(_frame(("close",)))
+                    await asyncio.wait_for(worker.writer.drain(), 1)
+        deadline = time.monotonic() + 2
+        for worker in workers:
+            if worker.reader_task is not None:
+                # The worker's last frame carries its final counters; then it hangs up.
+                with contextlib.suppress(TimeoutError):
+                    timeout = max(0.0, deadline - time.monotonic())
+                    await asyncio.wait_for(asyncio.shield(worker.reader_task), timeout)
+                worker.reader_task.cancel()
+            with contextlib.suppress(Exception):
+                worker.writer.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(worker.process.wait(), max(0.0, deadline - time.monotonic()))
+            if worker.process.returncode is None:
+                worker.process.kill()
+                await worker.process.wait()
+        for call in list(self._calls):
+            call.fail(ProbeSetupError("worker pool: closed during probe_many"))
+
+    # -- workers --------------------------------------------------------------------------
+
+    async def _start(self) -> None:
+        if self._closed:
+            raise ProbeSetupError("worker pool: probe_many on a closed prober")
+        loop = asyncio.get_running_loop()
+        if self._workers and self._loop is not loop:
+            if self._calls:
+                raise ProbeSetupError("worker pool: in use on another event loop")
+            await self._discard_workers()
+        if self._workers:
+            return
+        self._loop = loop
+        for _ in range(self.workers):
+            self._workers.append(await self._spawn())
+
+    async def _spawn(self) -> _Worker:
+        ours, theirs = socket.socketpair()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (_PROJECT_ROOT, env.get("PYTHONPATH")) if p
+        )
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "probes.workers", str(theirs.fileno()),
+                pass_fds=(theirs.fileno(),), env=env,
+            )  # fmt: skip
+        finally:
+            theirs.close()
+        reader, writer = await asyncio.open_connection(sock=ours, limit=1 << 24)
+        writer.write(_frame(("init", self.method, self.options)))
+        worker = _Worker(process, reader, writer)
+        try:
+            reply = await asyncio.wait_for(_read_frame(reader), 60)
+        except (asyncio.IncompleteReadError, TimeoutError) as exc:
+            process.kill()
+            raise ProbeSetupError(f"worker pool: a {self.method} worker did not start") from exc
+        if reply[0] != "ready":
+            process.kill()
+            raise ProbeSetupError(f"worker pool: {reply[1]}")
+        worker.info = reply[1]
+        worker.reader_task = asyncio.get_running_loop().create_task(self._read(worker))
+        return worker
+
+    async def _discard_workers(self) -> None:
+        """Workers started under an event loop that is gone: end them, start fresh ones."""
+        for worker in self._workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.process.pid, signal.SIGKILL)
+        self._workers = []
+
+    # -- sending --------------------------------------------------------------------------
+
+    async def _feed(self, targets: Iterable[Target], pacer: Pacer, call: _PoolCall) -> None:
+        pending = self._pending
+        has_blocklist = len(pacer.blocklist) > 0
+        cap = pacer.policy.max_in_flight
+        chunk: list[tuple[int, str, int | None, str | None, Any]] = []
+        for target in targets:
+            if call.error is not None:
+                return
+            if has_blocklist and pacer.is_blocked(target.address):
+                call.give(blocked_result(target, self.method, time.time()))
+                continue
+            if chunk and pacer.in_flight >= cap:
+                await self._send(chunk, pacer)  # the slots we wait for may be in this chunk
+                chunk = []
+            await pacer.acquire_slot()
+            delay = pacer.reserve(target.address)
+            if delay > 0:
+                if chunk:
+                    await self._send(chunk, pacer)
+                    chunk = []
+                try:
+                    await asyncio.sleep(delay)
+                except BaseException:
+                    pacer.release_slot()
+                    raise
+            key = self._next_id
+            self._next_id += 1
+            pending[key] = (target, call, _NO_WORKER)
+            call.outstanding += 1
+            chunk.append((key, target.address, target.port, target.url, target.query))
+            if len(chunk) >= CHUNK:
+                await self._send(chunk, pacer)
+                chunk = []
+        if chunk:
+            await self._send(chunk, pacer)
+
+    async def _send(
+        self, chunk: list[tuple[int, str, int | None, str | None, Any]], pacer: Pacer
+    ) -> None:
+        alive = [w for w in self._workers if w.alive]
+        if not alive:
+            raise ProbeSetupError("worker pool: every worker process has exited")
+        worker = min(alive, key=lambda w: len(w.ids))
+        pending = self._pending
+        for item in chunk:
+            key = item[0]
+            target, call, _none = pending[key]
+            pending[key] = (target, call, worker)
+        worker.ids.update(item[0] for item in chunk)
+        if worker.blocklist is not pacer.blocklist:
+            worker.blocklist = pacer.blocklist
+            worker.writer.write(_frame(("blocklist", pacer.blocklist.networks)))
+        worker.writer.write(_frame(("probe", chunk)))
+        await worker.writer.drain()
+        await asyncio.sleep(0)  # let results in: they free the slots the feeder needs
+
+    # -- receiving ------------------------------------------------------------------------
+
+    async def _read(self, worker: _Worker) -> None:
+        try:
+            while True:
+                message = await _read_frame(worker.reader)
+                if message[0] == "results":
+                    self._on_results(worker, message[1])
+                    if message[2] is not None:
+                        worker.stats = message[2]
+                elif message[0] == "error":
+                    for call in list(self._calls):
+                        call.fail(ProbeSetupError(f"worker pool: {message[1]}"))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            self._on_worker_lost(worker)
+
+    def _on_results(self, worker: _Worker, rows: list[WireResult]) -> None:
+        pending = self._pending
+        ids = worker.ids
+        method = self.method
+        failures = _FAILURES
+        for key, reachable, success, failure, rtt, started_at, details in rows:
+            entry = pending.pop(key, None)
+            if entry is None:
+                continue
+            ids.discard(key)
+            target, call, _worker = entry
+            call.pacer.release_slot()
+            call.outstanding -= 1
+            call.give(
+                ProbeResult(
+                    target, method, reachable, success,
+                    None if failure is None else failures.get(failure, Failure.OTHER),
+                    rtt, started_at, details,
+                )
+            )  # fmt: skip
+            if call.outstanding == 0 and call.fed and not call.done.done():
+                call.done.set_result(None)
+
+    def _on_worker_lost(self, worker: _Worker) -> None:
+        """A worker exited: its probes in flight end as OTHER, naming the exit."""
+        worker.alive = False
+        code = worker.process.returncode
+        now = time.time()
+        rows: list[WireResult] = [
+            (key, False, False, str(Failure.OTHER), None, now,
+             {"error": f"worker process exited (code {code})"})
+            for key in list(worker.ids)
+        ]  # fmt: skip
+        self._on_results(worker, rows)
+
+
+_NO_WORKER: Any = None
+
+
+class IcmpWorkerPool(WorkerPoolProber):
+    method: ClassVar[str] = "icmp"
+
+
+class TcpWorkerPool(WorkerPoolProber):
+    method: ClassVar[str] = "tcp"
+
+
+class HttpWorkerPool(WorkerPoolProber):
+    method: ClassVar[str] = "http"
+
+
+class DnsWorkerPool(WorkerPoolProber):
+    method: ClassVar[str] = "dns"
+
+
+POOL_CLASSES: dict[str, type[WorkerPoolProber]] = {
+    cls.method: cls for cls in (IcmpWorkerPool, TcpWorkerPool, HttpWorkerPool, DnsWorkerPool)
+}
+
+
+def worker_pool(method: str, workers: int = 2, **options: Any) -> WorkerPoolProber:
+    """The worker pool for `method` ("icmp", "tcp", "http", "dns")."""
+    cls = POOL_CLASSES.get(method)
+    if cls is None:
+        raise ProbeSetupError(f"worker pool: no prober for method {method!r}")
+    return cls(workers, **options)
+
+
+def _prober_class(method: str) -> Any:
+    module, name = PROBER_CLASSES[method].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+# -- the worker process ---------------------------------------------------------------------
+
+
+async def _serve(sock: socket.socket) -> None:
+    reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 24)
+    loop = asyncio.get_running_loop()
+    _init, method, options = await _read_frame(reader)
+    try:
+        prober = _prober_class(method)(**options)
+        info: dict[str, Any] = {"pid": os.getpid()}
+        if method == "icmp":
+            prober.open(False)  # fail now, with the hint, if ICMP sockets are not permitted
+            info |= {"echo_id": prober.echo_id(False), "mode": prober.mode["ipv4"]}
+    except Exception as exc:
+        writer.write(_frame(("failed", str(exc))))
+        await writer.drain()
+        return
+    writer.write(_frame(("ready", info)))
+    blocklist = Blocklist()
+    out: list[WireResult] = []
+    tasks: set[asyncio.Task[None]] = set()
+    stats = getattr(prober, "stats", None)
+
+    def flush() -> None:
+        counters = stats.as_dict() if stats is not None and hasattr(stats, "as_dict") else None
+        writer.write(_frame(("results", out[:], counters)))
+        out.clear()
+
+    async def probe(chunk: list[tuple[int, str, int | None, str | None, Any]]) -> None:
+        targets = [Target(address, port, url, query) for _key, address, port, url, query in chunk]
+        keys = {id(t): item[0] for t, item in zip(targets, chunk, strict=True)}
+
+        def sink(result: ProbeResult) -> None:
+            if not out:
+                loop.call_soon(flush)  # one frame per burst of results
+            failure = None if result.failure is None else str(result.failure)
+            out.append((keys[id(result.target)], result.reachable, result.success, failure,
+                        result.rtt_s, result.started_at, result.details))  # fmt: skip
+
+        policy = PacingPolicy(rate_pps=None, per_block_pps=None, max_in_flight=len(chunk))
+        try:
+            await prober.probe_many(targets, Pacer(policy, blocklist), sink)
+        except Exception as exc:
+            writer.write(_frame(("error", f"{type(exc).__name__}: {exc}")))
+
+    try:
+        while True:
+            message = await _read_frame(reader)
+            if message[0] == "probe":
+                task = loop.create_task(probe(message[1]))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            elif message[0] == "blocklist":
+                blocklist = Blocklist(message[1])
+            elif message[0] == "close":
+                break
+    except asyncio.IncompleteReadError:
+        pass  # the parent went away
+    finally:
+        for task in tasks:
+            task.cancel()
+        await prober.close()
+        with contextlib.suppress(Exception):
+            if out:
+                flush()
+            counters = stats.as_dict() if stats is not None and hasattr(stats, "as_dict") else None
+            writer.write(_frame(("results", [], counters)))
+            await writer.drain()
+            writer.close()
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 1 or not argv[0].isdigit():
+        sys.exit("usage: python -m probes.workers FD  (started by WorkerPoolProber)")
+    sock = socket.socket(fileno=int(argv[0]))
+    asyncio.run(_serve(sock))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
