@@ -2,8 +2,9 @@
 
 Every chart has UTC on its time axis with the country's local time named in the axis label,
 incidents shaded by kind and the restorations inside them left unshaded. Series come in as
-pandas Series indexed by tz-aware UTC timestamps. Long series are thinned for drawing by keeping
-each bucket's minimum, so a short collapse is never smoothed away.
+pandas Series indexed by tz-aware UTC timestamps. Long series are thinned for drawing: each
+bucket's median as the line, its minimum..maximum as a light band around it, so a collapse
+shorter than a bucket is never smoothed away.
 """
 
 from __future__ import annotations
@@ -58,14 +59,35 @@ class Span:
     restorations: tuple[tuple[datetime, datetime], ...] = ()
 
 
-def thin(series: pd.Series, max_points: int = MAX_DRAWN_POINTS) -> pd.Series:
-    """At most about `max_points` points, each bucket's minimum (drops stay visible)."""
+@dataclass(frozen=True, slots=True)
+class Thinned:
+    """A series cut to about `max_points` buckets: each bucket's median for the line, and its
+    minimum and maximum for a light band, so a collapse shorter than a bucket stays visible."""
+
+    line: pd.Series
+    low: pd.Series
+    high: pd.Series
+
+    @property
+    def thinned(self) -> bool:
+        return not self.low.equals(self.line)
+
+
+def thin(series: pd.Series, max_points: int = MAX_DRAWN_POINTS) -> Thinned:
     series = series.dropna()
     if len(series) <= max_points:
-        return series
+        return Thinned(series, series, series)
     span = series.index[-1] - series.index[0]
-    bucket = max(span / max_points, pd.Timedelta(seconds=1))
-    return series.resample(bucket.ceil("s")).min().dropna()
+    bucket = max(span / max_points, pd.Timedelta(seconds=1)).ceil("s")
+    grouped = series.resample(bucket)
+    return Thinned(grouped.median().dropna(), grouped.min().dropna(), grouped.max().dropna())
+
+
+def _draw(ax: Axes, drawn: Thinned, lw: float, label: str | None = None) -> None:
+    if drawn.thinned:
+        ax.fill_between(drawn.low.index, drawn.low.to_numpy(), drawn.high.to_numpy(),
+                        color=LINE, alpha=0.18, lw=0, zorder=1.5)
+    ax.plot(drawn.line.index, drawn.line.to_numpy(), color=LINE, lw=lw, label=label, zorder=2)
 
 
 def _percent(value: float, _pos: int) -> str:
@@ -120,14 +142,14 @@ def level_chart(path: Path, level: pd.Series, spans: Sequence[Span], *, title: s
     and the warning/critical thresholds."""
     fig, ax = plt.subplots(figsize=(11, 4.2), layout="constrained")
     drawn = thin(level)
-    top = max(1.3, min(2.0, float(drawn.max()) * 1.08 if len(drawn) else 1.3))
+    top = max(1.3, min(2.0, float(drawn.line.max()) * 1.08 if len(drawn.line) else 1.3))
     ax.axhspan(warning, 2 - warning, color=BAND, alpha=0.18, lw=0,
                label=f"Ordinary range (baseline ±{(1 - warning) * 100:.0f}%)")
     ax.axhline(1.0, color=BASELINE, lw=1.0, ls="--", label="Baseline (ordinary level)")
     ax.axhline(critical, color=KIND_COLOURS["nationwide_shutdown"], lw=0.8, ls=":",
                label=f"Critical threshold ({critical * 100:.0f}%)")
     kinds = _shade(ax, spans, start, end)
-    ax.plot(drawn.index, drawn.to_numpy(), color=LINE, lw=1.6, label="Level")
+    _draw(ax, drawn, 1.6, "Level")
     ax.set_ylim(0, top)
     ax.yaxis.set_major_formatter(FuncFormatter(_percent))
     ax.set_ylabel("% of ordinary level")
@@ -146,7 +168,7 @@ def signal_chart(path: Path, value: pd.Series, baseline: pd.Series, spans: Seque
                  band: float, as_percent: bool) -> Path:
     """One signal in its own unit against the detector's baseline and the band around it."""
     fig, ax = plt.subplots(figsize=(11, 3.6), layout="constrained")
-    base = thin(baseline) if len(baseline.dropna()) > MAX_DRAWN_POINTS else baseline.dropna()
+    base = thin(baseline).line
     drawn = thin(value)
     ax.fill_between(base.index, base.to_numpy() * band, base.to_numpy() * (2 - band),
                     color=BAND, alpha=0.18, lw=0,
@@ -154,8 +176,8 @@ def signal_chart(path: Path, value: pd.Series, baseline: pd.Series, spans: Seque
     ax.plot(base.index, base.to_numpy(), color=BASELINE, lw=1.0, ls="--",
             label="Baseline (expected for the time of day)")
     kinds = _shade(ax, spans, start, end)
-    ax.plot(drawn.index, drawn.to_numpy(), color=LINE, lw=1.4, label="Measured")
-    peak = max(float(drawn.max()) if len(drawn) else 0.0,
+    _draw(ax, drawn, 1.4, "Measured")
+    peak = max(float(drawn.line.max()) if len(drawn.line) else 0.0,
                float(base.max()) * (2 - band) if len(base) else 0.0)
     ax.set_ylim(0, peak * 1.05 if peak > 0 else 1)
     if as_percent:
@@ -183,7 +205,7 @@ def small_multiples(path: Path, levels: Mapping[str, pd.Series],
                              sharey=True, squeeze=False)
     # fixed margins in inches: constrained layout costs seconds with dozens of axes
     fig.subplots_adjust(left=0.45 / (2.1 * columns), right=1 - 0.1 / (2.1 * columns),
-                        top=1 - 0.55 / height, bottom=0.55 / height, hspace=0.42, wspace=0.08)
+                        top=1 - 0.55 / height, bottom=0.55 / height, hspace=0.42, wspace=0.16)
     locator = mdates.AutoDateLocator(tz=UTC, minticks=2, maxticks=4)  # type: ignore[no-untyped-call]
     for k, ax in enumerate(axes.flat):
         if k >= len(names):
@@ -194,7 +216,7 @@ def small_multiples(path: Path, levels: Mapping[str, pd.Series],
         _shade(ax, spans.get(name, ()), start, end)
         ax.axhline(1.0, color=BASELINE, lw=0.6, ls="--")
         ax.axhline(critical, color=KIND_COLOURS["nationwide_shutdown"], lw=0.5, ls=":")
-        ax.plot(drawn.index, drawn.to_numpy(), color=LINE, lw=0.9)
+        _draw(ax, drawn, 0.9)
         ax.set_title(name if len(name) <= 24 else name[:23] + "…", fontsize=7.5, pad=2)
         ax.set_ylim(0, 1.3)
         ax.set_xlim(start, end)

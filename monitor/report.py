@@ -238,9 +238,10 @@ def wilson_upper(up: npt.NDArray[np.float64], total: npt.NDArray[np.float64],
 
 
 def _levels(trace: pd.DataFrame, totals: pd.DataFrame, z: float) -> pd.DataFrame:
-    """Entity level per bin: the worst reachability signal (http/dns where there is no other),
-    as the detector does. Columns time, scope, entity, level, upper (the optimistic level a
-    small sample allows, what thresholds are judged on), baseline."""
+    """Entity level per bin from its reachability signals (http/dns where there is no other):
+    counted signals pooled (answering / expected to answer), else the worst signal. Columns
+    time, scope, entity, level, upper (the worst optimistic level a small sample allows, what
+    thresholds are judged on, as the detector does), baseline."""
     roles = trace["signal"].map(signal_role)
     reach = trace[roles == ROLE_REACH]
     service = trace[(roles == ROLE_SERVICE)
@@ -257,10 +258,19 @@ def _levels(trace: pd.DataFrame, totals: pd.DataFrame, z: float) -> pd.DataFrame
         level = np.where(base > 0, value / base, np.nan)
         bound = wilson_upper(value * total, total, z) / base
     upper = np.where(np.isfinite(bound), np.fmax(bound, level), level)
-    used = used.assign(level=level, upper=upper)
-    return (used.groupby(["time", "scope", "entity"], observed=True, sort=True)
-            .agg(level=("level", "min"), upper=("upper", "min"), baseline=("baseline", "max"))
-            .reset_index())
+    counted = np.isfinite(total) & np.isfinite(level)
+    used = used.assign(level=level, upper=upper,
+                       vt=np.where(counted, value * total, 0.0),
+                       bt=np.where(counted, base * total, 0.0))
+    out = (used.groupby(["time", "scope", "entity"], observed=True, sort=True)
+           .agg(level=("level", "min"), upper=("upper", "min"), baseline=("baseline", "max"),
+                vt=("vt", "sum"), bt=("bt", "sum")).reset_index())
+    # counts (icmp, tcp, ...) pool into one share of the targets expected to answer: the
+    # noise of a tiny TCP sample must not pass for the network's level
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pooled = np.where(out["bt"] > 0, out["vt"] / out["bt"], np.nan)
+    out["level"] = np.where(np.isfinite(pooled), pooled, out["level"])
+    return out.drop(columns=["vt", "bt"])
 
 
 def _signal_totals(frame: pd.DataFrame, country: str, bin_seconds: int) -> pd.DataFrame:
