@@ -44,7 +44,7 @@ class Target:
 @dataclass
 class Panel:
     title: str
-    kind: str  # timeseries stat table
+    kind: str  # timeseries stat table geomap
     targets: list[Target]
     w: int
     h: int
@@ -112,9 +112,9 @@ def _panel_json(panel: Panel, pid: int, x: int, y: int) -> dict[str, Any]:
         defaults["custom"] = {"drawStyle": "line", "lineWidth": 2, "fillOpacity": 8,
                               "showPoints": "never", "spanNulls": False, **panel.custom}
         defaults["color"] = {"mode": "palette-classic"}
-    elif panel.kind == "stat":
+    elif panel.kind in ("stat", "geomap"):
         defaults["color"] = {"mode": "thresholds"}
-    elif panel.custom:
+    if panel.kind not in ("timeseries",) and panel.custom:
         defaults["custom"] = panel.custom
     options: dict[str, Any] = {}
     if panel.kind == "timeseries":
@@ -242,6 +242,30 @@ def world() -> dict[str, Any]:
                 f'sum(shutdown_monitor_targets_up{{method="icmp", {INSTANCE}}}) / '
                 f'sum(shutdown_monitor_targets{{method="icmp", {INSTANCE}}})', instant=True)],
                 8, 4, "percentunit", options={"colorMode": "none"}),
+        ]),
+        Row("Map: level now, colour by severity", [
+            Panel("Level by country", "geomap", [Target(
+                f'min by (country) (shutdown_monitor_level{{scope="country", {INSTANCE}}})',
+                instant=True, table=True)], 24, 11, "percentunit", steps=LEVEL_STEPS,
+                description="Red under 50% of the ordinary level, orange under 80%.",
+                options={
+                    "view": {"id": "zero", "lat": 25, "lon": 40, "zoom": 1.6},
+                    "controls": {"showZoom": True, "mouseWheelZoom": False,
+                                 "showAttribution": True},
+                    "basemap": {"type": "default", "name": "Basemap"},
+                    "layers": [{
+                        "type": "markers", "name": "Level", "tooltip": True,
+                        "location": {"mode": "lookup", "lookup": "country",
+                                     "gazetteer": "public/gazetteer/countries.json"},
+                        "config": {"showLegend": True, "style": {
+                            "size": {"fixed": 9, "min": 6, "max": 14},
+                            "color": {"field": "Value", "fixed": "dark-green"},
+                            "opacity": 0.85, "text": {"mode": "field", "field": "country",
+                                                      "fixed": ""},
+                            "textConfig": {"fontSize": 10, "offsetY": -12,
+                                           "textAlign": "center", "textBaseline": "bottom"}}},
+                    }],
+                    "tooltip": {"mode": "details"}}),
         ]),
         Row("Countries: level now (colour by severity) and the last 7 days", [
             Panel("$country", "stat", [Target(

@@ -629,8 +629,10 @@ def _methodology(report: Report) -> list[Block]:
         f"({cfg.majority:.0%}) of its networks or regions fall with it; otherwise the ones "
         "down are network outages. A country without its own series takes the size-weighted "
         "mean of its networks' (or regions') levels.",
-        "Levels measure reachability from this monitor relative to its own history, not "
-        "traffic volume; 100% means ordinary for that time of day.",
+        ("Levels measure reachability from this monitor relative to its own history, not "
+         "traffic volume; 100% means ordinary for that time of day." if report.vantages else
+         "Levels are each series relative to its own history; 100% means ordinary for that "
+         "time of day."),
     )
     blocks = [Block("h2", "Methodology"), Block("list", items=items)]
     if report.problems:

@@ -148,6 +148,27 @@ def test_a_quiet_window_says_nothing_was_detected(tmp_path: Path) -> None:
     check_documents(tmp_path / "quiet")
 
 
+def test_an_ioda_export_where_bgp_stayed_up(tmp_path: Path) -> None:
+    """IODA's dashboard CSV: active probing collapses while BGP stays (Kazakhstan 2022)."""
+    times = pd.date_range("2022-01-01", "2022-01-12", freq="10min", tz="UTC")
+    rng = np.random.default_rng(4)
+    probing = rng.normal(1500, 20, len(times)).round()
+    down = (times >= pd.Timestamp(SHUTDOWN)) & (times < pd.Timestamp("2022-01-11T02:10Z"))
+    probing[down] = 80
+    source = tmp_path / "ioda.csv"
+    pd.DataFrame({"Time (UTC)": times.strftime("%Y-%m-%d %H:%M:%S"),
+                  "Active Probing (# /24s Up)": probing,
+                  "BGP (# Visible /24s)": 2000.0}).to_csv(source, index=False)
+    done = report("--country", "KZ", "--input", str(source), "--out", str(tmp_path / "i"))
+    assert done.exit_code == 0, done.output
+    assert done.output.splitlines()[0] == (
+        "Connectivity in Kazakhstan fell to 5% of ordinary levels at 10:30 UTC on 5 January "
+        "2022 and stayed there for 136 hours (5.7 days): a nationwide shutdown (critical).")
+    markdown, _ = check_documents(tmp_path / "i")
+    assert "Series read as given: active_probing, bgp." in markdown
+    assert (tmp_path / "i" / "signal-bgp.png").is_file()
+
+
 def test_report_from_the_history_store(tmp_path: Path) -> None:
     store_path = tmp_path / "history.sqlite"
     frame = kz_frame()
