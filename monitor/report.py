@@ -140,7 +140,7 @@ def format_local(country: Country, when: datetime) -> str:
     if zone is None:
         return ""
     local = when.astimezone(zone)
-    return f"{local:%H:%M} local time on {local.day} {local:%B} ({utc_offset(country, when)})"
+    return f"{local:%H:%M} local time on {local.day} {local:%B}, {utc_offset(country, when)}"
 
 
 def format_percent(level: float) -> str:
@@ -664,8 +664,9 @@ def _blocks(report: Report, chart_paths: dict[str, Path]) -> list[Block]:
                                "in the table)" if more > 0 else "") + "."))
         blocks.append(Block("img", f"Level per {noun}", image=chart_paths["multiples"]))
     blocks += _methodology(report)
-    blocks.append(Block("p", f"Times are UTC. {time_axis_label(c, report.since)}."
-                        if c.timezone else "Times are UTC."))
+    offset = utc_offset(c, report.since)
+    blocks.append(Block("p", f"Times are UTC; local time in {c.name} is {c.timezone}, {offset}."
+                        if offset else "Times are UTC."))
     return blocks
 
 

@@ -99,7 +99,8 @@ def test_iran_november_2019_makes_a_publishable_report(tmp_path: Path) -> None:
     assert {p.name for p in out.glob("*.png")} == {"level.png", "signal-connectivity.png",
                                                   "by-region.png"}
     assert f"> **{headline}**" in markdown and headline in page
-    assert "21:30 local time on 16 November (UTC+03:30)" in markdown
+    assert "(21:30 local time on 16 November, UTC+03:30)" in markdown
+    assert "Times are UTC; local time in Iran is Asia/Tehran, UTC+03:30." in markdown
     assert "Asia/Tehran" in markdown
     # every one of the 73 counties is in the table, most affected first
     table = [line for line in markdown.splitlines() if line.startswith("| ")][2:]
