@@ -49,6 +49,8 @@ from monitor.series import VANTAGE_COUNTRY
 log = logging.getLogger(__name__)
 
 API_PORT: Final = 9310  # inside the vantage namespace: nothing else listens there
+LAB_RTT_WARNING_FACTOR: Final = 100.0
+LAB_RTT_CRITICAL_FACTOR: Final = 1000.0
 _CLONE_NEWNET: Final = 0x40000000
 
 
@@ -90,7 +92,8 @@ class LabClock(VirtualClock):
         self.apply_s += time.monotonic() - began
 
 
-def lab_config(world: World, lab: Lab, interval_s: int, workdir: Path) -> dict[str, Any]:
+def lab_config(world: World, lab: Lab, interval_s: int, workdir: Path,
+               reprobes: int = 1) -> dict[str, Any]:
     """The daemon's configuration for a lab (written to workdir/lab.yaml), with its inputs."""
     inputs = write_inputs(world, workdir / "inputs")
     countries: dict[str, Any] = {}
@@ -111,7 +114,9 @@ def lab_config(world: World, lab: Lab, interval_s: int, workdir: Path) -> dict[s
         # The lab is our own namespaces: politeness limits would only slow lab time down.
         "pacing": {"rate_pps": None, "max_in_flight": 2048, "per_block_pps": None,
                    "per_block_burst": 8, "blocklist_file": None},
-        "probing": {"timeout_s": 0.1, "reprobes": 2, "tcp_ports": [80],
+        # Lab RTTs are tens of microseconds: 0.2 s is a hundred times that, even on a busy
+        # machine. One re-probe keeps a round's silent stages (what bounds lab speed) at two.
+        "probing": {"timeout_s": 0.2, "reprobes": reprobes, "tcp_ports": [80],
                     "discovery_per_round": 2, "discovery_budget": 8},
         "hitlist_dir": str(workdir / "hitlists"),
         "asn_file": str(inputs["asn"]),
@@ -119,7 +124,12 @@ def lab_config(world: World, lab: Lab, interval_s: int, workdir: Path) -> dict[s
         "countries": countries,
         "control": {"hosts": list(CONTROL_HOSTS), "method": "icmp", "min_up_fraction": 0.5},
         "history": {"path": str(workdir / "history.sqlite"), "retention_days": 60},
-        "detector": {},
+        # No netem here, so no network latency: what the probers measure as RTT in the lab is
+        # their own scheduling (a round sends hundreds of probes at once), which CPU load moves
+        # tenfold. RTT factors that fit a real path would raise false throttling alarms here;
+        # throttling in the lab shows as loss.
+        "detector": {"rtt_warning_factor": LAB_RTT_WARNING_FACTOR,
+                     "rtt_critical_factor": LAB_RTT_CRITICAL_FACTOR},
     }
 
 
@@ -282,7 +292,8 @@ def run_scenario(
     began = time.monotonic()
     lab.up()
     try:
-        config_path = write_lab_config(world, lab, scenario.interval_s, workdir)
+        config_path = write_lab_config(world, lab, scenario.interval_s, workdir,
+                                       scenario.reprobes)
         config = load_config(config_path)
         applier = Applier(lab)
         clock = LabClock(scenario, world, applier, min_round_wall_s)
@@ -322,9 +333,11 @@ def run_scenario(
             lab.down()
 
 
-def write_lab_config(world: World, lab: Lab, interval_s: int, workdir: Path) -> Path:
+def write_lab_config(world: World, lab: Lab, interval_s: int, workdir: Path,
+                     reprobes: int = 1) -> Path:
     path = workdir / "lab.yaml"
-    path.write_text(yaml.safe_dump(lab_config(world, lab, interval_s, workdir), sort_keys=False))
+    config = lab_config(world, lab, interval_s, workdir, reprobes)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
 

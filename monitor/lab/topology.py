@@ -53,7 +53,7 @@ UPLINK: Final = "uplink"
 WORLD_TABLE: Final = "smlab"
 GUARD_TABLE: Final = "smlab_guard"
 THROTTLE_CLASS: Final = "1:3"
-THROTTLE_QUEUE: Final = 64  # packets queued in a throttled class before it drops
+THROTTLE_QUEUE: Final = 1000  # packets queued in a throttled class before it drops
 _PREFIX_RE: Final = re.compile(r"[a-z][a-z0-9]{0,11}")
 
 

@@ -97,7 +97,7 @@ def test_ranges_collapse_blocks() -> None:
 
 
 def incident(**kw: Any) -> dict[str, Any]:
-    base = {"id": "x", "country": "KZ", "scope": "country", "entity": "KZ",
+    base: dict[str, Any] = {"id": "x", "country": "KZ", "scope": "country", "entity": "KZ",
             "kind": "nationwide_shutdown", "severity": "critical", "start": "", "end": None,
             "min_level": 0.03, "score": 1.0, "signals": [], "networks": [], "recoveries": []}
     return {**base, **kw}
