@@ -26,7 +26,7 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -55,6 +55,7 @@ _PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 
 # A target on the wire: (id, address, port, url, query); a result: (id, reachable, success,
 # failure name or None, rtt_s, started_at, details).
+WireTarget = tuple[int, str, int | None, str | None, Any]
 WireResult = tuple[int, bool, bool, str | None, float | None, float, dict[str, Any]]
 
 
@@ -272,7 +273,7 @@ class WorkerPoolProber:
         pending = self._pending
         has_blocklist = len(pacer.blocklist) > 0
         cap = pacer.policy.max_in_flight
-        chunk: list[tuple[int, str, int | None, str | None, Any]] = []
+        chunk: list[WireTarget] = []
         for target in targets:
             if call.error is not None:
                 return
@@ -305,7 +306,7 @@ class WorkerPoolProber:
             await self._send(chunk, pacer)
 
     async def _send(
-        self, chunk: list[tuple[int, str, int | None, str | None, Any]], pacer: Pacer
+        self, chunk: list[WireTarget], pacer: Pacer
     ) -> None:
         alive = [w for w in self._workers if w.alive]
         if not alive:
@@ -441,9 +442,13 @@ async def _serve(sock: socket.socket) -> None:
         writer.write(_frame(("results", out[:], counters)))
         out.clear()
 
-    async def probe(chunk: list[tuple[int, str, int | None, str | None, Any]]) -> None:
+    async def probe(chunk: list[WireTarget], blocklist: Blocklist, fed: asyncio.Event) -> None:
         targets = [Target(address, port, url, query) for _key, address, port, url, query in chunk]
         keys = {id(t): item[0] for t, item in zip(targets, chunk, strict=True)}
+
+        def lazily() -> Iterator[Target]:
+            yield from targets
+            fed.set()
 
         def sink(result: ProbeResult) -> None:
             if not out:
@@ -454,17 +459,30 @@ async def _serve(sock: socket.socket) -> None:
 
         policy = PacingPolicy(rate_pps=None, per_block_pps=None, max_in_flight=len(chunk))
         try:
-            await prober.probe_many(targets, Pacer(policy, blocklist), sink)
+            await prober.probe_many(lazily(), Pacer(policy, blocklist), sink)
         except Exception as exc:
             writer.write(_frame(("error", f"{type(exc).__name__}: {exc}")))
+        finally:
+            fed.set()
 
+    async def dispatch() -> None:
+        # One chunk is fed at a time: many feeders at once would send a burst per loop turn
+        # and leave replies waiting in the socket buffer (an overflow is false loss).
+        while True:
+            chunk, chunk_blocklist = await queue.get()
+            fed = asyncio.Event()
+            task = loop.create_task(probe(chunk, chunk_blocklist, fed))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            await fed.wait()
+
+    queue: asyncio.Queue[tuple[list[WireTarget], Blocklist]] = asyncio.Queue()
+    dispatcher = loop.create_task(dispatch())
     try:
         while True:
             message = await _read_frame(reader)
             if message[0] == "probe":
-                task = loop.create_task(probe(message[1]))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+                queue.put_nowait((message[1], blocklist))
             elif message[0] == "blocklist":
                 blocklist = Blocklist(message[1])
             elif message[0] == "close":
@@ -472,6 +490,7 @@ async def _serve(sock: socket.socket) -> None:
     except asyncio.IncompleteReadError:
         pass  # the parent went away
     finally:
+        dispatcher.cancel()
         for task in tasks:
             task.cancel()
         await prober.close()
