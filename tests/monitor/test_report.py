@@ -133,7 +133,7 @@ def test_a_shutdown_with_a_restoration_read_from_a_long_csv(tmp_path: Path) -> N
     assert "2 of 2 networks were down with it." in markdown
     assert "Measured from the vantage point(s) ams-1" in markdown
     assert "ICMP echo requests" in markdown
-    assert "Local time in Kazakhstan: Asia/Almaty" in markdown
+    assert "local time in Kazakhstan is Asia/Almaty, UTC+06:00" in markdown
     assert (out / "by-network.png").is_file() and (out / "signal-icmp-blocks-up.png").is_file()
 
 
