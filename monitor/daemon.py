@@ -197,6 +197,8 @@ class Daemon:
         self._detector = self._make_detector(self.config)
         self._prime_detector()
         self._driver = self._driver_factory(self.config, self.config.shard)
+        # The configuration in force loaded fine: say so, as a later good SIGHUP would.
+        self.metrics.record_reload(True)
         await self._start_sinks(self.config)
         self._remote = await start_writers(self.config, self.listen)
         self.api = ApiServer(self, self.listen)

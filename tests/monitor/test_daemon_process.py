@@ -107,11 +107,13 @@ def test_sighup_with_a_broken_config_keeps_the_old_one_running(lab: Lab) -> None
         wait_until("a first round", lambda: fetch(lab, "/metrics")[0] == 200
                    and metrics_value(lab, "shutdown_monitor_rounds_total") >= 1)
         assert metrics_value(lab, "shutdown_monitor_config_reload_errors_total") == 0
+        assert metrics_value(lab, "shutdown_monitor_config_last_reload_success") == 1  # startup
 
         lab.config_path.write_text(yaml.safe_dump({**config, "interval_s": "ten", "bogus": 1}))
         process.send_signal(signal.SIGHUP)
         wait_until("the reload error metric", lambda: metrics_value(
             lab, "shutdown_monitor_config_reload_errors_total") == 1)
+        assert metrics_value(lab, "shutdown_monitor_config_last_reload_success") == 0
         status = json.loads(fetch(lab, "/api/status")[1])
         assert "interval_s" in status["config"]["last_reload_error"]
         assert "bogus" in status["config"]["last_reload_error"]
