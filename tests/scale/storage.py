@@ -38,8 +38,11 @@ needs_victoria_metrics = pytest.mark.skipif(
 class VictoriaMetrics:
     """A single-node VictoriaMetrics for one test (context manager)."""
 
-    def __init__(self, startup_timeout: float = 60.0) -> None:
+    def __init__(self, startup_timeout: float = 60.0, netns: str | None = None) -> None:
         self.startup_timeout = startup_timeout
+        # Inside a named network namespace (the lab's vantage): then every HTTP call to it must
+        # come from a thread in that namespace too.
+        self.netns = netns
         self.port = 0
         self.workdir: Path | None = None
         self._process: subprocess.Popen[bytes] | None = None
@@ -78,8 +81,9 @@ class VictoriaMetrics:
         """(Re)start on the same port and data directory; False if the port was taken."""
         assert self.workdir is not None
         with (self.workdir / "vm.log").open("ab") as log:
+            prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
             self._process = subprocess.Popen(
-                [str(VM_BINARY), f"-httpListenAddr=127.0.0.1:{self.port}",
+                [*prefix, str(VM_BINARY), f"-httpListenAddr=127.0.0.1:{self.port}",
                  f"-storageDataPath={self.workdir / 'data'}", "-retentionPeriod=100y",
                  "-search.latencyOffset=0s", "-search.disableCache", "-loggerLevel=WARN"],
                 stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
