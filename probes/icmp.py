@@ -672,6 +672,12 @@ class IcmpProber:
         recvfrom = endpoint.sock.recvfrom
         v6 = endpoint.v6
         raw = endpoint.raw
+        # Echo replies without an IP header in front (all but raw IPv4) take a short path:
+        # the same checks as _on_reply, in the same order, without building a ParsedIcmp.
+        short_type = ICMP6_ECHO_REPLY if v6 else (None if raw else ICMP4_ECHO_REPLY)
+        ident, payload, pending, stats = endpoint.ident, endpoint.payload, self._pending, self.stats
+        unpack_from = _ECHO_HEADER.unpack_from
+        monotonic = time.monotonic
         for _ in range(_READS_PER_CALLBACK):
             try:
                 data, source = recvfrom(_MAX_PACKET)
@@ -679,6 +685,26 @@ class IcmpProber:
                 break
             except OSError:
                 continue  # a pending socket error (IP_RECVERR); the error queue explains it
+            if len(data) >= 8 and data[0] == short_type:
+                _type, _code, _sum, reply_ident, seq = unpack_from(data)
+                entry = pending.get((source[0], seq))
+                if reply_ident != ident:
+                    stats.wrong_id += 1
+                elif entry is None:
+                    stats.unmatched += 1
+                elif data[8:] != payload:
+                    stats.wrong_payload += 1
+                elif entry.answered:
+                    stats.duplicates += 1
+                else:
+                    stats.echo_replies += 1
+                    rtt = monotonic() - entry.sent_mono
+                    self._finish(
+                        entry,
+                        ProbeResult(entry.target, METHOD, True, True, None, rtt, entry.started_at,
+                                    {}),
+                    )  # fmt: skip
+                continue
             parsed = parse_icmp6(data) if v6 else parse_icmp4(data, raw)
             if parsed is None:
                 self.stats.malformed += 1
