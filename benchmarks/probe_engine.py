@@ -188,10 +188,15 @@ def measure_ours(
     return run_in_netns(ns, run, timeout=600)
 
 
-def best_concurrency_ours(ns: Netns, method: str, count: int, levels: list[int]) -> int:
-    trials = [measure_ours(ns, method, max(count // 5, 500), c) for c in levels]
+def best_concurrency_ours(
+    ns: Netns, method: str, count: int, levels: list[int], workers: int = 0
+) -> int:
+    trials = [
+        measure_ours(ns, method, max(count // 5, 500), c, workers=workers) for c in levels
+    ]
     for trial in trials:
-        print(f"  ours {method} c={trial.concurrency}: {trial.rate:,.0f}/s", file=sys.stderr)
+        print(f"  {trial.engine} {method} c={trial.concurrency}: {trial.rate:,.0f}/s",
+              file=sys.stderr)  # fmt: skip
     return max(trials, key=lambda m: m.rate).concurrency
 
 
@@ -479,19 +484,20 @@ def main() -> None:
             for method in ("icmp", "tcp", "http"):
                 n_ours = int(counts["ours"][method] * scale)
                 n_theirs = int(counts["blackbox"][method] * scale)
-                c_ours = best_concurrency_ours(ns, method, n_ours, ours_levels[method])
+                variants = [0, args.workers] if args.workers else [0]
+                c_ours = {w: best_concurrency_ours(ns, method, n_ours, ours_levels[method], w)
+                          for w in variants}  # fmt: skip
                 c_theirs = best_concurrency_blackbox(
                     ns, blackbox_pid, method, n_theirs, blackbox_levels
                 )
                 # The machine is shared: alternate the engines and keep each one's best run,
                 # so a burst of someone else's load does not decide the ratio.
-                variants = [0, args.workers] if args.workers else [0]
                 ours_runs: dict[int, list[Measurement]] = {w: [] for w in variants}
                 their_runs = []
                 for _ in range(args.repeats):
-                    for workers in variants:  # the pool uses the one-process engine's level
+                    for workers in variants:
                         ours_runs[workers].append(
-                            measure_ours(ns, method, n_ours, c_ours, workers=workers)
+                            measure_ours(ns, method, n_ours, c_ours[workers], workers=workers)
                         )
                     their_runs.append(measure_blackbox(ns, blackbox_pid, method, n_theirs,
                                                        c_theirs))  # fmt: skip
