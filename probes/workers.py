@@ -137,7 +137,7 @@ class WorkerPoolProber:
         self._workers: list[_Worker] = []
         self._last_workers: list[_Worker] = []
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pending: dict[int, tuple[Target, _PoolCall, _Worker]] = {}
+        self._pending: dict[int, tuple[Target, _PoolCall, _Worker | None]] = {}
         self._calls: set[_PoolCall] = set()
         self._next_id = 0
         self._closed = False
@@ -184,7 +184,8 @@ class WorkerPoolProber:
                 for key, (_target, owner, worker) in list(self._pending.items()):
                     if owner is call:
                         del self._pending[key]
-                        worker.ids.discard(key)
+                        if worker is not None:  # None: its chunk never went out
+                            worker.ids.discard(key)
                         pacer.release_slot()
                 call.outstanding = 0
 
@@ -296,7 +297,7 @@ class WorkerPoolProber:
                     raise
             key = self._next_id
             self._next_id += 1
-            pending[key] = (target, call, _NO_WORKER)
+            pending[key] = (target, call, None)
             call.outstanding += 1
             chunk.append((key, target.address, target.port, target.url, target.query))
             if len(chunk) >= CHUNK:
@@ -375,9 +376,6 @@ class WorkerPoolProber:
             for key in list(worker.ids)
         ]  # fmt: skip
         self._on_results(worker, rows)
-
-
-_NO_WORKER: Any = None
 
 
 class IcmpWorkerPool(WorkerPoolProber):

@@ -196,3 +196,23 @@ def test_icmp_pool_in_a_namespace_with_forged_replies_counted() -> None:
     }
     assert stats["sent"] == 250 and stats["echo_replies"] == 200
     assert stats["unmatched"] == 6  # three forged replies per worker, each counted once
+
+
+async def test_a_sink_failing_before_a_chunk_went_out_gives_its_slots_back() -> None:
+    """The sink fails on a blocked target (handled in the parent) while the chunk being built
+    holds targets no worker has seen yet."""
+
+    def sink(result: ProbeResult) -> None:
+        if result.failure is Failure.BLOCKED_BY_POLICY:
+            raise RuntimeError("sink broke")
+
+    pacer = _pacer(Blocklist.from_cidrs(["127.0.0.2/32"]))
+    async with raw_tcp_server(_accept_and_wait) as port:
+        targets = [Target("127.0.0.1")] * 10 + [Target("127.0.0.2")] + [Target("127.0.0.1")] * 10
+        prober = TcpWorkerPool(workers=1, ports=(port,))
+        try:
+            with pytest.raises(RuntimeError, match="sink broke"):
+                await prober.probe_many(targets, pacer, sink)
+        finally:
+            await prober.close()
+    assert pacer.in_flight == 0
