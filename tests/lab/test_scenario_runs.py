@@ -1,7 +1,7 @@
 """Every scenario, compressed, through the real daemon in the lab: the expected incident kind,
 on time, and silence in the control countries.
 
-The labs run side by side (four at a time, each in its own namespaces): a round mostly waits
+The labs run side by side (two at a time, each in its own namespaces): a round mostly waits
 for probe timeouts, so this costs little more CPU than one after the other and far less time.
 """
 
@@ -44,7 +44,7 @@ def prefix_of(name: str) -> str:
 @pytest.fixture(scope="module")
 def runs() -> Iterator[dict[str, Future[Any]]]:
     world = build_world()
-    with tempfile.TemporaryDirectory() as scratch, ThreadPoolExecutor(4) as pool:
+    with tempfile.TemporaryDirectory() as scratch, ThreadPoolExecutor(2) as pool:
         futures = {
             name: pool.submit(run_scenario, get_scenario(name, compressed=True), world,
                               Path(scratch) / name, prefix=prefix_of(name))
