@@ -32,7 +32,7 @@ from monitor.detect import DetectorConfig, LiveDetector
 from monitor.errors import InputError
 from monitor.export import MetricsState, make_registry, render_metrics
 from monitor.incidents import IncidentLifecycle, Transition, format_time
-from monitor.series import _prom_get
+from monitor.series import prometheus_query_range
 from monitor.sinks import AlertmanagerSink, WebhookSink
 from monitor.vantages import (
     COUNT_COLUMNS,
@@ -89,7 +89,7 @@ def read_vantages(settings: CentralSettings, since: datetime, until: datetime) -
     def collect(query: str) -> list[tuple[dict[str, str], list[Any]]]:
         out = []
         for a, b in windows:
-            for series in _prom_get(settings.prometheus_url, query, a, b, step,
+            for series in prometheus_query_range(settings.prometheus_url, query, a, b, step,
                                     settings.query_timeout_s):
                 labels = series.get("metric") or {}
                 out.append(({str(k): str(v) for k, v in labels.items()},

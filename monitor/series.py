@@ -259,7 +259,7 @@ def method_signals(method: str) -> tuple[str, str]:
     return METHOD_SIGNALS.get(method, (f"{method}_up", f"{method}_total"))
 
 
-def _prom_get(base_url: str, query: str, start: float, end: float, step: int,
+def prometheus_query_range(base_url: str, query: str, start: float, end: float, step: int,
               timeout: float) -> list[dict[str, Any]]:
     params = urllib.parse.urlencode({"query": query, "start": f"{start:.0f}", "end": f"{end:.0f}",
                                      "step": str(step)})
@@ -313,7 +313,7 @@ def read_prometheus(base_url: str, *, since: datetime, until: datetime,
     def collect(query: str) -> list[tuple[dict[str, str], list[Any]]]:
         out = []
         for a, b in windows:
-            for series in _prom_get(base_url, query, a, b, step_seconds, timeout):
+            for series in prometheus_query_range(base_url, query, a, b, step_seconds, timeout):
                 labels = series.get("metric") or {}
                 values = series.get("values") or []
                 out.append(({str(k): str(v) for k, v in labels.items()}, values))
