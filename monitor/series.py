@@ -260,7 +260,8 @@ def method_signals(method: str) -> tuple[str, str]:
 
 
 def prometheus_query_range(base_url: str, query: str, start: float, end: float, step: int,
-              timeout: float) -> list[dict[str, Any]]:
+                           timeout: float) -> list[dict[str, Any]]:
+    """The `result` list of a Prometheus-compatible /api/v1/query_range; InputError if it fails."""
     params = urllib.parse.urlencode({"query": query, "start": f"{start:.0f}", "end": f"{end:.0f}",
                                      "step": str(step)})
     url = f"{base_url.rstrip('/')}/api/v1/query_range?{params}"
