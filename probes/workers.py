@@ -49,6 +49,8 @@ PROBER_CLASSES = {
 }
 # Targets per chunk sent to a worker (a chunk also goes out early when the feeder must wait).
 CHUNK = 256
+# The longest the feeder waits for a batch of free slots before taking them one by one.
+_ROOM_WAIT_S = 0.005
 _FRAME = struct.Struct("!I")
 _FAILURES = {str(f): f for f in Failure}
 _PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
@@ -140,6 +142,8 @@ class WorkerPoolProber:
         self._pending: dict[int, tuple[Target, _PoolCall, _Worker | None]] = {}
         self._calls: set[_PoolCall] = set()
         self._next_id = 0
+        self._room = asyncio.Event()  # set when the in-flight count fell to `_room_at`
+        self._room_at = -1
         self._closed = False
 
     @property
@@ -230,6 +234,7 @@ class WorkerPoolProber:
         if self._workers:
             return
         self._loop = loop
+        self._room = asyncio.Event()  # bound to this loop on first use
         for _ in range(self.workers):
             self._workers.append(await self._spawn())
 
@@ -281,9 +286,11 @@ class WorkerPoolProber:
             if has_blocklist and pacer.is_blocked(target.address):
                 call.give(blocked_result(target, self.method, time.time()))
                 continue
-            if chunk and pacer.in_flight >= cap:
-                await self._send(chunk, pacer)  # the slots we wait for may be in this chunk
-                chunk = []
+            if pacer.in_flight >= cap:
+                if chunk:
+                    await self._send(chunk, pacer)  # the slots we wait for may be in this chunk
+                    chunk = []
+                await self._room_for_a_batch(pacer, cap)
             await pacer.acquire_slot()
             delay = pacer.reserve(target.address)
             if delay > 0:
@@ -305,6 +312,16 @@ class WorkerPoolProber:
                 chunk = []
         if chunk:
             await self._send(chunk, pacer)
+
+    async def _room_for_a_batch(self, pacer: Pacer, cap: int) -> None:
+        """Wait until a batch of slots is free, so a worker gets chunks, not single targets:
+        a chunk of one costs a worker a loop turn, a frame each way and a wake-up. Bounded, as
+        the pacer may be shared with other probers whose slots our results do not free."""
+        self._room_at = cap - max(1, min(CHUNK, cap // 8))
+        self._room.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._room.wait(), _ROOM_WAIT_S)
+        self._room_at = -1
 
     async def _send(
         self, chunk: list[WireTarget], pacer: Pacer
@@ -364,6 +381,8 @@ class WorkerPoolProber:
             )  # fmt: skip
             if call.outstanding == 0 and call.fed and not call.done.done():
                 call.done.set_result(None)
+            if call.pacer.in_flight <= self._room_at:
+                self._room.set()
 
     def _on_worker_lost(self, worker: _Worker) -> None:
         """A worker exited: its probes in flight end as OTHER, naming the exit."""

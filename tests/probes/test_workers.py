@@ -216,3 +216,22 @@ async def test_a_sink_failing_before_a_chunk_went_out_gives_its_slots_back() -> 
         finally:
             await prober.close()
     assert pacer.in_flight == 0
+
+
+async def test_a_pacer_shared_with_a_busy_prober_does_not_stall_the_pool() -> None:
+    """Another prober holds most slots of the shared pacer, so our results alone can never
+    free a batch of them: the feeder must go on one slot at a time, not wait forever."""
+    pacer = _pacer(max_in_flight=64)
+    for _ in range(60):
+        await pacer.acquire_slot()
+    results: list[ProbeResult] = []
+    async with raw_tcp_server(_accept_and_wait) as port:
+        prober = TcpWorkerPool(workers=2, ports=(port,))
+        try:
+            await asyncio.wait_for(
+                prober.probe_many([Target("127.0.0.1")] * 40, pacer, results.append), 20
+            )
+        finally:
+            await prober.close()
+    assert len(results) == 40 and all(r.success for r in results)
+    assert pacer.in_flight == 60  # only the other prober's slots are still taken
