@@ -42,6 +42,8 @@ _LINGER_RST = struct.pack("ii", 1, 0)
 _SOCKET_FLAGS = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 _CONNECT_PENDING = frozenset({errno.EINPROGRESS, errno.EALREADY, errno.EAGAIN})
 _READY_ERROR = select.EPOLLERR | select.EPOLLHUP
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_RESOURCE_RETRY_S = 0.005
 # Start this many attempts, then yield so finished handshakes are collected and slots freed.
 _STARTS_PER_YIELD = 128
 # Finished handshakes handled per callback, so a flood cannot starve the feeder and the sweep.
@@ -63,6 +65,9 @@ class TcpProber:
             raise ProbeSetupError(f"TcpProber: timeout_s must be positive, got {timeout_s}")
         self.ports = tuple(ports)
         self.timeout_s = timeout_s
+        # Attempts put off because the process was out of descriptors or memory (then retried
+        # once some of our sockets had closed): a sign the in-flight cap is above the fd limit.
+        self.resource_waits = 0
 
     async def probe_many(
         self, targets: Iterable[Target], pacer: Pacer, on_result: ResultSink
@@ -72,6 +77,7 @@ class TcpProber:
             await run.feed(targets)
             await run.finished()
         finally:
+            self.resource_waits += run.resource_waits
             run.close()
 
     async def close(self) -> None:
@@ -139,6 +145,7 @@ class _ConnectRun:
         self.error: BaseException | None = None
         self.done: asyncio.Future[None] = self.loop.create_future()
         self.tasks: set[asyncio.Task[None]] = set()  # host-name resolutions
+        self.resource_waits = 0  # attempts put off because no socket could be opened
 
     # -- feeding --------------------------------------------------------------------------
 
@@ -230,7 +237,13 @@ class _ConnectRun:
         port = probe.ports[probe.index]
         try:
             sock = socket.socket(probe.family, _SOCKET_FLAGS)
-        except OSError as exc:  # out of descriptors or buffers: this probe could not be sent
+        except OSError as exc:
+            if exc.errno in _OUT_OF_RESOURCES and self.by_fd:
+                # Out of descriptors or memory while our own sockets are open: a "down" result
+                # would be a false alarm, so wait for some of them to close and try again.
+                self.resource_waits += 1
+                self.loop.call_later(_RESOURCE_RETRY_S, self._attempt_if_running, probe)
+                return
             self._attempt_done(probe, port, Failure.OTHER, 0.0, exc.errno, str(exc))
             return
         probe.started = started = time.perf_counter()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
+import resource
 import socket
 
 import pytest
@@ -285,3 +287,25 @@ async def test_blocklist_applies_to_the_address_a_name_resolves_to() -> None:
     [result] = await _probe(TcpProber(ports=(80,)), [Target("localhost")], pacer)
     assert result.failure is Failure.BLOCKED_BY_POLICY
     assert pacer.in_flight == 0
+
+
+async def test_running_out_of_descriptors_delays_probes_instead_of_failing_them() -> None:
+    """With the fd limit just above what is open, most SYNs find no descriptor: they wait for
+    our own sockets to close and go out then; none becomes a (false) failure."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    async with raw_tcp_server(_accept_and_wait) as port:
+        prober = TcpProber(ports=(port,))
+        results: list[ProbeResult] = []
+        open_now = len(os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + 12, hard))
+        try:
+            await prober.probe_many(
+                [Target("127.0.0.1")] * 200,
+                Pacer(PacingPolicy(rate_pps=None, per_block_pps=None, max_in_flight=100)),
+                results.append,
+            )
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert len(results) == 200
+    assert all(r.success for r in results), {str(r.failure) for r in results}
+    assert prober.resource_waits > 0
