@@ -191,9 +191,7 @@ def measure_ours(
 def best_concurrency_ours(
     ns: Netns, method: str, count: int, levels: list[int], workers: int = 0
 ) -> int:
-    trials = [
-        measure_ours(ns, method, max(count // 5, 500), c, workers=workers) for c in levels
-    ]
+    trials = [measure_ours(ns, method, max(count // 5, 500), c, workers=workers) for c in levels]
     for trial in trials:
         print(f"  {trial.engine} {method} c={trial.concurrency}: {trial.rate:,.0f}/s",
               file=sys.stderr)  # fmt: skip
@@ -271,9 +269,7 @@ def blackbox_path(method: str, address: str) -> str:
     return f"/probe?{query}"
 
 
-def measure_blackbox(
-    ns: Netns, pid: int, method: str, count: int, concurrency: int
-) -> Measurement:
+def measure_blackbox(ns: Netns, pid: int, method: str, count: int, concurrency: int) -> Measurement:
     paths = [blackbox_path(method, a) for a in sweep_addresses(min(count, 65536))]
 
     async def run() -> Measurement:
@@ -389,14 +385,14 @@ def machine() -> str:
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()[:10]
     nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
     load = Path("/proc/loadavg").read_text().split()[:3]
-    return f"nproc = {nproc}, load average {' '.join(load)} at the end\n\n```\n" + "\n".join(
-        lscpu
-    ) + "\n```"
+    return (
+        f"nproc = {nproc}, load average {' '.join(load)} at the end\n\n```\n"
+        + "\n".join(lscpu)
+        + "\n```"
+    )
 
 
-def report(
-    rows: list[Measurement], capped: Measurement, memory: dict[str, Any], flags: str
-) -> str:
+def report(rows: list[Measurement], capped: Measurement, memory: dict[str, Any], flags: str) -> str:
     lines = [
         "| method | engine | concurrency | probes | probes/s | CPU s / 1000 probes "
         "| peak RSS MB | false loss | note |",
@@ -445,8 +441,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small counts, a smoke test")
     parser.add_argument("--output", type=Path, help="also write the Markdown report here")
     parser.add_argument("--repeats", type=int, default=2, help="measured runs per engine")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2,
-                        help="processes of the worker-pool variant of ours (0: skip it)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 2,
+        help="processes of the worker-pool variant of ours (0: skip it)",
+    )
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -503,8 +503,10 @@ def main() -> None:
                                                        c_theirs))  # fmt: skip
                     ours_text = ", ".join(f"{runs[-1].engine} {runs[-1].rate:,.0f}/s"
                                           for runs in ours_runs.values())  # fmt: skip
-                    print(f"{method}: {ours_text}, blackbox {their_runs[-1].rate:,.0f}/s",
-                          file=sys.stderr)
+                    print(
+                        f"{method}: {ours_text}, blackbox {their_runs[-1].rate:,.0f}/s",
+                        file=sys.stderr,
+                    )
                 rows.extend(max(runs, key=lambda m: m.rate) for runs in ours_runs.values())
                 rows.append(max(their_runs, key=lambda m: m.rate))
             print("icmp at 20,000/s", file=sys.stderr)

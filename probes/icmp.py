@@ -69,7 +69,7 @@ _MAX_PACKET = 2048
 
 _ENABLE_HINT = (
     "enable one of: unprivileged ICMP sockets for your group with "
-    "`sysctl -w net.ipv4.ping_group_range=\"0 2147483647\"`, or raw sockets by running as root "
+    '`sysctl -w net.ipv4.ping_group_range="0 2147483647"`, or raw sockets by running as root '
     "or granting the capability with `setcap cap_net_raw+ep $(readlink -f $(which python3))`"
 )
 

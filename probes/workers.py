@@ -241,9 +241,7 @@ class WorkerPoolProber:
     async def _spawn(self) -> _Worker:
         ours, theirs = socket.socketpair()
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (_PROJECT_ROOT, env.get("PYTHONPATH")) if p
-        )
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PROJECT_ROOT, env.get("PYTHONPATH")) if p)
         try:
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "probes.workers", str(theirs.fileno()),
@@ -323,9 +321,7 @@ class WorkerPoolProber:
             await asyncio.wait_for(self._room.wait(), _ROOM_WAIT_S)
         self._room_at = -1
 
-    async def _send(
-        self, chunk: list[WireTarget], pacer: Pacer
-    ) -> None:
+    async def _send(self, chunk: list[WireTarget], pacer: Pacer) -> None:
         alive = [w for w in self._workers if w.alive]
         if not alive:
             raise ProbeSetupError("worker pool: every worker process has exited")

@@ -174,7 +174,8 @@ def test_many_targets_in_flight_each_get_their_own_answer() -> None:
         async def scenario() -> tuple[list[ProbeResult], int]:
             async with raw_tcp_server(_accept_and_wait, host="0.0.0.0") as port:
                 ns.exec(
-                    "nft", "add table inet t ; add chain inet t in { type filter hook input "
+                    "nft",
+                    "add table inet t ; add chain inet t in { type filter hook input "
                     "priority 0 ; } ; add rule inet t in ip daddr 10.9.1.0/24 tcp dport "
                     f"{port} drop",
                 )

@@ -153,7 +153,8 @@ def test_icmp_pool_in_a_namespace_with_forged_replies_counted() -> None:
         ns.exec("ip", "route", "add", "local", "10.9.0.0/16", "dev", "lo")
         ns.exec("ip", "route", "add", "unreachable", "10.8.0.0/24")
         ns.exec(
-            "nft", "add table ip t ; add chain ip t in { type filter hook input priority 0 ; } "
+            "nft",
+            "add table ip t ; add chain ip t in { type filter hook input priority 0 ; } "
             "; add rule ip t in ip daddr 10.9.1.0/24 icmp type echo-request drop",
         )
 
