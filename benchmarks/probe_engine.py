@@ -464,7 +464,7 @@ def main() -> None:
         "blackbox": {"icmp": 20_000, "tcp": 20_000, "http": 10_000},
     }
     ours_levels = {"icmp": [4096, 65536], "tcp": [256, 1024], "http": [64, 256]}
-    blackbox_levels = [8, 32, 128, 512]
+    blackbox_levels = [8, 32, 128, 512, 2048]
     with tempfile.TemporaryDirectory() as tmp, Netns("bench") as ns:
         prepare(ns)
         responder = Path(tmp) / "responder"
