@@ -295,10 +295,14 @@ class EchoTemplate:
 class _Call:
     """The bookkeeping of one probe_many call: its sink, its pacer, the results still owed."""
 
-    __slots__ = ("active", "done", "error", "fed", "on_result", "outstanding", "pacer")
+    __slots__ = (
+        "active", "done", "error", "fed", "on_result", "outstanding", "pacer", "wall_offset",
+    )  # fmt: skip
 
     def __init__(self, on_result: ResultSink, pacer: Pacer, done: asyncio.Future[None]) -> None:
         self.on_result = on_result
+        # time.time() - time.monotonic(): wall-clock send times from the monotonic stamps.
+        self.wall_offset = time.time() - time.monotonic()
         self.pacer = pacer  # in-flight slots go back to the pacer they came from
         self.done = done
         self.outstanding = 0
@@ -308,26 +312,24 @@ class _Call:
 
 
 class _Pending:
-    """One echo in flight. Answered entries stay until their deadline to recognise duplicates."""
+    """One echo in flight. Answered entries stay until their deadline to recognise duplicates.
 
-    __slots__ = ("answered", "call", "deadline", "key", "sent_mono", "started_at", "target")
+    Kept small (up to rate x timeout of them are alive): the deadline is `sent_mono` plus the
+    prober's timeout and the wall-clock send time is `sent_mono` plus the call's offset.
+    """
 
-    def __init__(
-        self,
-        key: tuple[str, int],
-        target: Target,
-        call: _Call,
-        started_at: float,
-        sent_mono: float,
-        deadline: float,
-    ) -> None:
+    __slots__ = ("answered", "call", "key", "sent_mono", "target")
+
+    def __init__(self, key: tuple[str, int], target: Target, call: _Call, sent_mono: float) -> None:
         self.key = key
         self.target = target
         self.call = call
-        self.started_at = started_at
         self.sent_mono = sent_mono
-        self.deadline = deadline
         self.answered = False
+
+    @property
+    def started_at(self) -> float:
+        return self.call.wall_offset + self.sent_mono
 
 
 class _Endpoint:
@@ -498,7 +500,7 @@ class IcmpProber:
         monotonic = time.monotonic
         wall = time.time
         # Wall-clock send times from the monotonic stamp: one clock read per probe, not two.
-        wall_offset = wall() - monotonic()
+        wall_offset = call.wall_offset
         inet_pton = socket.inet_pton
         af_inet = socket.AF_INET
         since_yield = 0
@@ -553,12 +555,12 @@ class IcmpProber:
                 raise
             stats.sent += 1
             key = (key_address, seq)
-            entry = _Pending(key, target, call, started_at, sent_mono, sent_mono + timeout)
+            entry = _Pending(key, target, call, sent_mono)
             pending[key] = entry
             deadlines.append(entry)
             call.outstanding += 1
             if self._sweep_handle is None:
-                self._arm_sweep(loop, entry.deadline)
+                self._arm_sweep(loop, sent_mono + timeout)
             since_yield += 1
             if since_yield >= _SENDS_PER_YIELD:
                 since_yield = 0
@@ -843,7 +845,8 @@ class IcmpProber:
         deadlines = self._deadlines
         pending = self._pending
         stats = self.stats
-        while deadlines and deadlines[0].deadline <= now:
+        sent_before = now - self.timeout_s  # sent then or earlier: the deadline has passed
+        while deadlines and deadlines[0].sent_mono <= sent_before:
             entry = deadlines.popleft()
             if pending.get(entry.key) is entry:
                 del pending[entry.key]
@@ -855,4 +858,4 @@ class IcmpProber:
                                 entry.started_at),
                 )  # fmt: skip
         if deadlines:
-            self._arm_sweep(loop, deadlines[0].deadline)
+            self._arm_sweep(loop, deadlines[0].sent_mono + self.timeout_s)
