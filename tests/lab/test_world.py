@@ -85,3 +85,11 @@ def test_bad_asn_list_names_file_and_line(tmp_path: Path) -> None:
 def test_missing_data_dir_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"kz.ipv4.txt"):
         build_world(data_dir=tmp_path)
+
+
+def test_without_root_the_lab_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    from monitor.lab import topology
+
+    monkeypatch.setattr(topology.os, "geteuid", lambda: 1000)
+    with pytest.raises(topology.LabError, match="needs root"):
+        topology.require_root()
