@@ -88,8 +88,10 @@ def test_missing_data_dir_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_without_root_the_lab_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
     from monitor.lab import topology
 
-    monkeypatch.setattr(topology.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(topology.LabError, match="needs root"):
         topology.require_root()
