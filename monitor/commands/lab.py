@@ -14,15 +14,16 @@ from monitor.errors import MonitorError
 
 
 def _world(data_dir: Path | None, scale: float) -> Any:
-    from monitor.lab.world import DATA_DIR, build_world
+    from monitor.lab.world import build_world
 
-    return build_world(data_dir=data_dir or DATA_DIR, scale=scale)
+    return build_world(data_dir=data_dir, scale=scale)
 
 
 _prefix = click.option("--prefix", default="smlab", show_default=True,
                        help="Name prefix of the lab's namespaces (run several labs side by side).")
 _data = click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
-                     help="The reference data (country-prefixes/, asn/); default ../shared/data.")
+                     help="Build the world from a folder laid out like ../shared/data "
+                     "(country-prefixes/cc.ipv4.txt, asn/); default: the packaged data.")
 _scale = click.option("--scale", type=click.FloatRange(0.05, 2.5), default=1.0,
                       show_default=True, help="Shrink or grow every country's sample of blocks.")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Final
 
 from monitor.errors import InputError
-from monitor.targets import blocks_of, load_prefix_file
+from monitor.targets import blocks_of, load_packaged_prefixes, load_prefix_file, packaged_data
 
 LAB_COUNTRY_SPACE: Final = ipaddress.IPv4Network("10.0.0.0/8")
 LAB_ABROAD_SPACE: Final = ipaddress.IPv4Network("198.18.0.0/15")
@@ -41,7 +41,8 @@ DNS_NAME: Final = "www.lab.test."
 DNS_ANSWER: Final = "198.19.1.80"  # what an honest resolver answers for DNS_NAME
 DNS_TAMPERED_ANSWER: Final = "198.19.2.1"  # what a tampering one answers
 
-DATA_DIR: Final = Path(__file__).resolve().parents[3] / "shared" / "data"
+# The KZ networks' prefixes ship in the package (CC0, monitor/data/asn/README.md).
+PACKAGED_ASN_FILE: Final = "asn/kz_major_asns_ipv4.csv"
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,21 +192,32 @@ def load_asn_prefixes(path: Path) -> dict[int, list[ipaddress.IPv4Network]]:
 
 def build_world(
     specs: Sequence[CountrySpec] = DEFAULT_SPECS,
-    data_dir: Path = DATA_DIR,
+    data_dir: Path | None = None,
     scale: float = 1.0,
 ) -> World:
-    """Sample and renumber the specs' real blocks. `scale` shrinks every sample (tests)."""
+    """Sample and renumber the specs' real blocks. `scale` shrinks every sample (tests).
+
+    The real data comes from the package (the country-prefix snapshot and the KZ ASN list);
+    `data_dir` points at a folder laid out like ../shared/data instead (`country-prefixes/
+    cc.ipv4.txt`, `asn/kz_major_asns_ipv4.csv`) to build the lab from other snapshots.
+    """
     if len(specs) > MAX_COUNTRIES:
         raise ValueError(f"the lab holds at most {MAX_COUNTRIES} countries")
-    asn_file = data_dir / "asn" / "kz_major_asns_ipv4.csv"
+    asn_file = (packaged_data(PACKAGED_ASN_FILE) if data_dir is None
+                else data_dir / "asn" / "kz_major_asns_ipv4.csv")
     asn_prefixes: dict[int, list[ipaddress.IPv4Network]] | None = None
     countries = []
     for index, spec in enumerate(specs):
-        country_blocks = set(blocks_of(
-            load_prefix_file(data_dir / "country-prefixes" / f"{spec.code.lower()}.ipv4.txt")
-        ))
+        if data_dir is None:
+            prefixes = load_packaged_prefixes(spec.code)
+            source = "the packaged country prefixes"
+        else:
+            prefixes = load_prefix_file(
+                data_dir / "country-prefixes" / f"{spec.code.lower()}.ipv4.txt")
+            source = f"{data_dir}/country-prefixes"
+        country_blocks = set(blocks_of(prefixes))
         if not country_blocks:
-            raise InputError(f"{spec.code}: no IPv4 prefixes in {data_dir}/country-prefixes")
+            raise InputError(f"{spec.code}: no IPv4 prefixes in {source}")
         listed: set[int] = set()
         networks = []
         for slot, net_spec in enumerate(spec.networks):

@@ -23,12 +23,11 @@ import pytest
 from monitor.lab.runner import run_scenario
 from monitor.lab.scenarios import get_scenario
 from monitor.lab.topology import Lab, netns_exists
-from monitor.lab.world import DATA_DIR, build_world
+from monitor.lab.world import build_world
 from tests.netns import needs_root
 from tests.prom import PrometheusServer, free_port, needs_prometheus, value
 
-pytestmark = [needs_root, needs_prometheus, pytest.mark.slow,
-              pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"LOUD SKIP: no {DATA_DIR}")]
+pytestmark = [needs_root, needs_prometheus, pytest.mark.slow]
 
 ACTIVE = 'shutdown_monitor_incident_active{country="KZ",kind="nationwide_shutdown"}'
 

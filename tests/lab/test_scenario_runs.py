@@ -19,11 +19,10 @@ import pytest
 from monitor.lab.runner import run_scenario
 from monitor.lab.scenarios import get_scenario
 from monitor.lab.topology import netns_exists
-from monitor.lab.world import DATA_DIR, build_world
+from monitor.lab.world import build_world
 from tests.netns import needs_root
 
-pytestmark = [needs_root, pytest.mark.slow,
-              pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"LOUD SKIP: no {DATA_DIR}")]
+pytestmark = [needs_root, pytest.mark.slow]
 
 EXPECTED_KIND = {
     "nationwide-shutdown": "nationwide_shutdown",

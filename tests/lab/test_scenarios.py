@@ -9,9 +9,7 @@ import pytest
 
 from monitor.lab.conditions import churn_at, night_share, ranges
 from monitor.lab.scenarios import SCENARIOS, evaluate, get_scenario, kz_2022
-from monitor.lab.world import DATA_DIR, DNS_OCTET, build_world
-
-pytestmark = pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"LOUD SKIP: no {DATA_DIR}")
+from monitor.lab.world import DNS_OCTET, build_world
 
 
 @pytest.fixture(scope="module")

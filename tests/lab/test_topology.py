@@ -22,11 +22,10 @@ from monitor.lab.topology import (
     host_conflicts,
     netns_exists,
 )
-from monitor.lab.world import DATA_DIR, LAB_SPACES, build_world
+from monitor.lab.world import LAB_SPACES, build_world
 from tests.netns import Netns, needs_root, run_in_netns
 
-pytestmark = [needs_root,
-              pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"LOUD SKIP: no {DATA_DIR}")]
+pytestmark = [needs_root]
 
 
 def prefix(tag: str) -> str:

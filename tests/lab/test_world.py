@@ -10,7 +10,6 @@ import pytest
 from monitor.asn import load_asn_table
 from monitor.errors import InputError
 from monitor.lab.world import (
-    DATA_DIR,
     LAB_COUNTRY_SPACE,
     build_world,
     load_asn_prefixes,
@@ -19,7 +18,14 @@ from monitor.lab.world import (
 )
 from monitor.targets import blocks_of, load_prefix_file
 
+# The project's reference data beside the repository: the package ships a snapshot of it.
+DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"LOUD SKIP: no {DATA_DIR}")
+
+
+@needs_data
+def test_packaged_data_builds_the_same_world_as_the_reference_data() -> None:
+    assert build_world() == build_world(data_dir=DATA_DIR)
 
 
 @needs_data
