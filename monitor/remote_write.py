@@ -16,7 +16,6 @@ protobuf runtime; snappy block compression comes from cramjam.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import re
@@ -32,6 +31,7 @@ import cramjam
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from monitor.background import drain_then_stop
 from monitor.config import Config
 from monitor.remote_buffer import RemoteBuffer
 
@@ -320,16 +320,8 @@ class RemoteWriter:
     async def close(self, drain_s: float = 1.0) -> None:
         """Try to empty the buffer for up to `drain_s`; what is left stays on disk for the
         next start."""
-        if self._task is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.drained(), timeout=drain_s)
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await drain_then_stop(self._task, self._session, self.drained, drain_s)
+        self._task = self._session = None
 
     async def drained(self) -> None:
         """Returns once the buffer is empty (everything delivered or dropped)."""

@@ -19,6 +19,7 @@ from typing import Any, Final
 
 import aiohttp
 
+from monitor.background import drain_then_stop
 from monitor.incidents import Event, Transition, format_time
 
 log = logging.getLogger(__name__)
@@ -133,16 +134,8 @@ class WebhookSink:
 
     async def close(self, drain_s: float = 2.0) -> None:
         """Give queued deliveries `drain_s` seconds, then stop; what is left stays `pending()`."""
-        if self._task is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), timeout=drain_s)
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await drain_then_stop(self._task, self._session, self._idle.wait, drain_s)
+        self._task = self._session = None
 
     async def _run(self) -> None:
         assert self._session is not None
@@ -286,16 +279,8 @@ class AlertmanagerSink:
         self._task = asyncio.create_task(self._run(), name="alertmanager-sink")
 
     async def close(self, drain_s: float = 2.0) -> None:
-        if self._task is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._clean.wait(), timeout=drain_s)
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await drain_then_stop(self._task, self._session, self._clean.wait, drain_s)
+        self._task = self._session = None
 
     async def _run(self) -> None:
         assert self._session is not None
