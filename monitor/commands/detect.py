@@ -8,7 +8,8 @@ from datetime import UTC, datetime, timedelta
 
 import click
 
-from monitor.detect import DetectorConfig, Incident, detect, format_time, parse_time
+from monitor.commands.timeopt import time_option
+from monitor.detect import DetectorConfig, Incident, detect, format_time
 from monitor.errors import MonitorError
 from monitor.series import ReadResult, read_prometheus, read_series_file
 
@@ -16,15 +17,6 @@ from monitor.series import ReadResult, read_prometheus, read_series_file
 LOOKBACK = timedelta(days=29)
 MAX_PROBLEMS_SHOWN = 10
 
-
-def _time_option(value: str | None, name: str) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        return parse_time(value)
-    except ValueError:
-        raise click.BadParameter(f"expected ISO 8601 such as 2022-01-05T10:30:00Z; got {value!r}",
-                                 param_hint=name) from None
 
 
 def _overlaps(inc: Incident, since: datetime | None, until: datetime | None) -> bool:
@@ -86,7 +78,7 @@ def detect_command(input_path: str | None, prometheus: str | None, history: str 
                    country: str | None, since: str | None, until: str | None, step: int,
                    bin_seconds: int, as_json: bool) -> None:
     """Find shutdowns, outages, blocks and throttling in history."""
-    since_t, until_t = _time_option(since, "--since"), _time_option(until, "--until")
+    since_t, until_t = time_option(since, "--since"), time_option(until, "--until")
     try:
         result = _read(input_path, prometheus, history, country, since_t, until_t, step)
         config = DetectorConfig(bin_seconds=bin_seconds)

@@ -9,7 +9,8 @@ from datetime import UTC, datetime, timedelta
 import click
 import pandas as pd
 
-from monitor.detect import DetectorConfig, parse_time
+from monitor.commands.timeopt import time_option
+from monitor.detect import DetectorConfig
 from monitor.errors import InputError, MonitorError
 from monitor.series import (
     VANTAGE_COUNTRY,
@@ -26,15 +27,6 @@ DEFAULT_SPAN = timedelta(days=7)
 PROMETHEUS_PIECES = 30
 MIN_PIECE = timedelta(days=1)
 
-
-def _time_option(value: str | None, name: str) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        return parse_time(value)
-    except ValueError:
-        raise click.BadParameter(f"expected ISO 8601 such as 2022-01-05T10:30:00Z; got {value!r}",
-                                 param_hint=name) from None
 
 
 def read_prometheus_pieces(url: str, country: str, since: datetime, until: datetime,
@@ -112,7 +104,7 @@ def report_command(country: str, since: str | None, until: str | None, input_pat
     """Write an incident report for one country: Markdown, self-contained HTML, PNG charts."""
     from monitor.report import build_report, country_info, write_report  # matplotlib: lazily
 
-    since_t, until_t = _time_option(since, "--since"), _time_option(until, "--until")
+    since_t, until_t = time_option(since, "--since"), time_option(until, "--until")
     if since_t and until_t and since_t >= until_t:
         raise click.BadParameter("must be before --until", param_hint="--since")
     try:
