@@ -6,6 +6,11 @@ shared socket per family; one reader callback drains replies and matches them on
 from a deque ordered by deadline. The targets iterable is consumed lazily, so a million queued
 targets cost only what the caller holds.
 
+RTTs come from the kernel: SO_TIMESTAMPNS stamps every received packet (and every error-queue
+entry) when it arrived, so RTT = that stamp - the wall clock read just before sendto(). The time a
+reply then waits in the socket buffer for a busy event loop is not part of the RTT. A missing or
+implausible stamp (the wall clock stepped) falls back to the time the loop saw the reply.
+
 Sockets: unprivileged ICMP datagram sockets where `net.ipv4.ping_group_range` admits our group
 (the kernel picks the echo id, which is the socket's local "port", and delivers only replies with
 that id); raw sockets when privileged (we pick the id, filter ICMP types in the kernel and parse
@@ -55,6 +60,20 @@ _IPV6_RECVERR = 25
 _SO_RCVBUFFORCE = 33
 _SO_EE_ORIGIN_ICMP = 2
 _SO_EE_ORIGIN_ICMP6 = 3
+# SO_TIMESTAMPNS and its control message (same number) on x86, arm and riscv: the struct
+# timespec (two longs, CLOCK_REALTIME) of when the packet reached the socket.
+_SO_TIMESTAMPNS = 35
+_SCM_TIMESTAMPNS = _SO_TIMESTAMPNS
+_TIMESPEC = struct.Struct("=qq")
+# Room for the timestamp, and for IP_RECVERR's sock_extended_err plus the offender's address.
+_STAMP_ANCILLARY_BYTES = socket.CMSG_SPACE(_TIMESPEC.size)
+_ERROR_ANCILLARY_BYTES = 512
+# A kernel RTT may exceed the loop's measure only by clock-rate differences (NTP slewing);
+# more than this means the wall clock stepped between send and receive.
+_CLOCK_SLACK_S = 0.002
+
+RTT_KERNEL = "kernel"  # details["rtt_source"]: the socket's receive timestamp
+RTT_LOOP = "loop"  # details["rtt_source"]: when the event loop read the reply
 
 _ECHO_HEADER = struct.Struct("!BBHHH")
 _EXTENDED_ERR = struct.Struct("=IBBBBII")
@@ -221,6 +240,25 @@ def parse_extended_error(cdata: bytes, v6: bool) -> ExtendedError | None:
     return ExtendedError(err, origin, icmp_type, code, offender)
 
 
+def kernel_receive_time(ancdata: list[tuple[int, int, bytes]]) -> float | None:
+    """The SCM_TIMESTAMPNS receive time (Unix seconds) in recvmsg's ancillary data, or None."""
+    for level, kind, cdata in ancdata:
+        if level == socket.SOL_SOCKET and kind == _SCM_TIMESTAMPNS and len(cdata) >= 16:
+            seconds, nanoseconds = _TIMESPEC.unpack_from(cdata)
+            return float(seconds + nanoseconds * 1e-9)
+    return None
+
+
+def honest_rtt(received_wall: float | None, sent_wall: float, loop_rtt: float) -> tuple[float, str]:
+    """The RTT and its source: the kernel's receive stamp minus the send time when there is a
+    stamp and it is plausible (not negative, not beyond what the loop saw), else the loop's."""
+    if received_wall is not None:
+        rtt = received_wall - sent_wall
+        if 0.0 <= rtt <= loop_rtt + _CLOCK_SLACK_S:
+            return rtt, RTT_KERNEL
+    return loop_rtt, RTT_LOOP
+
+
 def failure_for_icmp_error(v6: bool, icmp_type: int, code: int) -> Failure:
     """Map an ICMP error about one of our echoes to a failure name."""
     if v6:
@@ -296,13 +334,11 @@ class _Call:
     """The bookkeeping of one probe_many call: its sink, its pacer, the results still owed."""
 
     __slots__ = (
-        "active", "done", "error", "fed", "on_result", "outstanding", "pacer", "wall_offset",
+        "active", "done", "error", "fed", "on_result", "outstanding", "pacer",
     )  # fmt: skip
 
     def __init__(self, on_result: ResultSink, pacer: Pacer, done: asyncio.Future[None]) -> None:
         self.on_result = on_result
-        # time.time() - time.monotonic(): wall-clock send times from the monotonic stamps.
-        self.wall_offset = time.time() - time.monotonic()
         self.pacer = pacer  # in-flight slots go back to the pacer they came from
         self.done = done
         self.outstanding = 0
@@ -314,22 +350,27 @@ class _Call:
 class _Pending:
     """One echo in flight. Answered entries stay until their deadline to recognise duplicates.
 
-    Kept small (up to rate x timeout of them are alive): the deadline is `sent_mono` plus the
-    prober's timeout and the wall-clock send time is `sent_mono` plus the call's offset.
+    Kept small (up to rate x timeout of them are alive). `sent_mono` orders deadlines and
+    measures the loop's RTT; `started_at` is the wall clock just before sendto(), which the
+    kernel's receive timestamps are compared with.
     """
 
-    __slots__ = ("answered", "call", "key", "sent_mono", "target")
+    __slots__ = ("answered", "call", "key", "sent_mono", "started_at", "target")
 
-    def __init__(self, key: tuple[str, int], target: Target, call: _Call, sent_mono: float) -> None:
+    def __init__(
+        self,
+        key: tuple[str, int],
+        target: Target,
+        call: _Call,
+        sent_mono: float,
+        started_at: float,
+    ) -> None:
         self.key = key
         self.target = target
         self.call = call
         self.sent_mono = sent_mono
+        self.started_at = started_at
         self.answered = False
-
-    @property
-    def started_at(self) -> float:
-        return self.call.wall_offset + self.sent_mono
 
 
 class _Endpoint:
@@ -375,6 +416,8 @@ class _Endpoint:
             self.ident = sock.getsockname()[1]
             level = socket.IPPROTO_IPV6 if self.v6 else socket.IPPROTO_IP
             sock.setsockopt(level, _IPV6_RECVERR if self.v6 else _IP_RECVERR, 1)
+        # Receive times from the kernel: what a busy event loop adds is not network RTT.
+        sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
         self.payload = payload
         self.template = EchoTemplate(self.v6, self.ident, payload)
         self.seq = int.from_bytes(os.urandom(2), "big")
@@ -499,8 +542,6 @@ class IcmpProber:
         acquire_slot = pacer.acquire_slot
         monotonic = time.monotonic
         wall = time.time
-        # Wall-clock send times from the monotonic stamp: one clock read per probe, not two.
-        wall_offset = call.wall_offset
         inet_pton = socket.inet_pton
         af_inet = socket.AF_INET
         since_yield = 0
@@ -533,7 +574,7 @@ class IcmpProber:
                 seq = endpoint.seq = (endpoint.seq + 1) & 0xFFFF
                 packet = endpoint.template.packet(seq)
                 sent_mono = monotonic()
-                started_at = wall_offset + sent_mono
+                started_at = wall()  # the send time kernel receive stamps are compared with
                 try:
                     endpoint.sock.sendto(packet, (key_address, 0))
                     error = None
@@ -555,7 +596,7 @@ class IcmpProber:
                 raise
             stats.sent += 1
             key = (key_address, seq)
-            entry = _Pending(key, target, call, sent_mono)
+            entry = _Pending(key, target, call, sent_mono, started_at)
             pending[key] = entry
             deadlines.append(entry)
             call.outstanding += 1
@@ -671,7 +712,7 @@ class IcmpProber:
     # -- receiving ------------------------------------------------------------------------
 
     def _on_readable(self, endpoint: _Endpoint) -> None:
-        recvfrom = endpoint.sock.recvfrom
+        recvmsg = endpoint.sock.recvmsg
         v6 = endpoint.v6
         raw = endpoint.raw
         # Echo replies without an IP header in front (all but raw IPv4) take a short path:
@@ -682,7 +723,7 @@ class IcmpProber:
         monotonic = time.monotonic
         for _ in range(_READS_PER_CALLBACK):
             try:
-                data, source = recvfrom(_MAX_PACKET)
+                data, ancdata, _flags, source = recvmsg(_MAX_PACKET, _STAMP_ANCILLARY_BYTES)
             except BlockingIOError:
                 break
             except OSError:
@@ -700,26 +741,31 @@ class IcmpProber:
                     stats.duplicates += 1
                 else:
                     stats.echo_replies += 1
-                    rtt = monotonic() - entry.sent_mono
+                    rtt, rtt_source = honest_rtt(
+                        kernel_receive_time(ancdata), entry.started_at,
+                        monotonic() - entry.sent_mono,
+                    )  # fmt: skip
                     self._finish(
                         entry,
                         ProbeResult(entry.target, METHOD, True, True, None, rtt, entry.started_at,
-                                    {}),
+                                    {"rtt_source": rtt_source}),
                     )  # fmt: skip
                 continue
             parsed = parse_icmp6(data) if v6 else parse_icmp4(data, raw)
             if parsed is None:
                 self.stats.malformed += 1
             elif parsed.kind == ECHO_REPLY:
-                self._on_reply(endpoint, parsed, source[0])
+                self._on_reply(endpoint, parsed, source[0], kernel_receive_time(ancdata))
             elif parsed.kind == ERROR:
-                self._on_error(endpoint, parsed, source[0])
+                self._on_error(endpoint, parsed, source[0], kernel_receive_time(ancdata))
             else:
                 self.stats.unrelated += 1
         if not raw:
             self._drain_error_queue(endpoint)
 
-    def _on_reply(self, endpoint: _Endpoint, parsed: ParsedIcmp, source: str) -> None:
+    def _on_reply(
+        self, endpoint: _Endpoint, parsed: ParsedIcmp, source: str, received: float | None
+    ) -> None:
         stats = self.stats
         if parsed.ident != endpoint.ident:
             stats.wrong_id += 1
@@ -734,15 +780,23 @@ class IcmpProber:
         if entry.answered:
             stats.duplicates += 1
             return
-        rtt = time.monotonic() - entry.sent_mono
+        rtt, rtt_source = honest_rtt(received, entry.started_at, time.monotonic() - entry.sent_mono)
         stats.echo_replies += 1
-        details: dict[str, Any] = {} if parsed.ttl is None else {"ttl": parsed.ttl}
+        details: dict[str, Any] = {"rtt_source": rtt_source}
+        if parsed.ttl is not None:
+            details["ttl"] = parsed.ttl
         self._finish(
             entry,
             ProbeResult(entry.target, METHOD, True, True, None, rtt, entry.started_at, details),
         )
 
-    def _on_error(self, endpoint: _Endpoint, parsed: ParsedIcmp, reporter: str | None) -> None:
+    def _on_error(
+        self,
+        endpoint: _Endpoint,
+        parsed: ParsedIcmp,
+        reporter: str | None,
+        received: float | None,
+    ) -> None:
         stats = self.stats
         if parsed.ident != endpoint.ident:
             stats.wrong_id += 1
@@ -755,7 +809,14 @@ class IcmpProber:
             stats.duplicates += 1
             return
         stats.unreachable += 1
-        details: dict[str, Any] = {"icmp_type": parsed.icmp_type, "icmp_code": parsed.code}
+        # Not the target's RTT (it did not answer) but how far away the reporter is.
+        error_rtt, rtt_source = honest_rtt(
+            received, entry.started_at, time.monotonic() - entry.sent_mono
+        )
+        details: dict[str, Any] = {
+            "icmp_type": parsed.icmp_type, "icmp_code": parsed.code,
+            "error_rtt_s": error_rtt, "rtt_source": rtt_source,
+        }  # fmt: skip
         if reporter is not None:
             details["reported_by"] = reporter
         failure = failure_for_icmp_error(endpoint.v6, parsed.icmp_type, parsed.code)
@@ -773,7 +834,7 @@ class IcmpProber:
         for _ in range(_READS_PER_CALLBACK):
             try:
                 data, ancdata, _flags, address = endpoint.sock.recvmsg(
-                    _MAX_PACKET, 512, socket.MSG_ERRQUEUE
+                    _MAX_PACKET, _ERROR_ANCILLARY_BYTES, socket.MSG_ERRQUEUE
                 )
             except OSError:
                 return
@@ -799,7 +860,7 @@ class IcmpProber:
             parsed = ParsedIcmp(
                 ERROR, extended.icmp_type, extended.code, ident, seq, None, destination, b""
             )
-            self._on_error(endpoint, parsed, extended.offender)
+            self._on_error(endpoint, parsed, extended.offender, kernel_receive_time(ancdata))
 
     # -- completion -----------------------------------------------------------------------
 

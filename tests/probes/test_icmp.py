@@ -36,6 +36,7 @@ from probes.icmp import (
 )
 from probes.pacing import Blocklist, Pacer, PacingPolicy
 from tests.netns import Netns, needs_root, run_in_netns
+from tests.probes.test_icmp_rtt import HONEST_BOUND_S, probe_with_blocked_loop
 
 pytestmark = [needs_root, pytest.mark.root]
 
@@ -220,6 +221,27 @@ def test_ipv6_answers_silence_and_unreachable(vantage: Netns, mode: str) -> None
     assert results["fd78:2::1"].failure is Failure.HOST_UNREACHABLE  # "address unreachable"
     assert results["fd78:3::1"].failure is Failure.NETWORK_UNREACHABLE  # "no route"
     assert results["fd78:2::1"].details["reported_by"] == "fd99::2"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_icmp_error_times_come_from_the_kernel(vantage: Netns, mode: str) -> None:
+    """Errors (the error queue on datagram sockets, the socket itself on raw ones) carry the time
+    they took in details, free of a blocked event loop (see test_icmp_rtt.py)."""
+    targets = [*addresses("10.78.2.0/24", 10), *addresses("fd78:2::/64", 10)]
+
+    async def scenario() -> list[tuple[ProbeResult, float]]:
+        prober = IcmpProber(timeout_s=2.0, privileged=MODES[mode])
+        try:
+            return await probe_with_blocked_loop(prober, targets)
+        finally:
+            await prober.close()
+
+    results = run_in_netns(vantage, scenario)
+    for result, handed_over in results:
+        assert result.failure is Failure.HOST_UNREACHABLE, result
+        assert handed_over - result.started_at >= 0.3  # the loop was blocked for that long
+        assert 0 <= result.details["error_rtt_s"] < HONEST_BOUND_S, result
+        assert result.details["rtt_source"] == "kernel"
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -1,0 +1,172 @@
+"""ICMP RTTs are the network's, not the event loop's: they come from the kernel's receive stamps.
+
+Each test blocks the event loop for BLOCK_S right after the last echo request went out (as a
+busy daemon does: a history flush, the detector), so every reply waits that long in the socket
+buffer before the prober reads it. The reported RTTs must stay what the network took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from probes.base import ProbeResult, Target
+from probes.icmp import (
+    ICMP4_ECHO_REPLY,
+    ICMP4_ECHO_REQUEST,
+    RTT_KERNEL,
+    RTT_LOOP,
+    IcmpProber,
+    build_echo,
+    honest_rtt,
+    kernel_receive_time,
+)
+from probes.pacing import Pacer, PacingPolicy
+from tests.netns import Netns, needs_root, run_in_netns
+
+MODES = {"datagram": False, "raw": True}
+FAST = PacingPolicy(rate_pps=None, max_in_flight=4096, per_block_pps=None)
+BLOCK_S = 0.3
+# Far below BLOCK_S, far above a loopback RTT (microseconds) on a busy machine.
+HONEST_BOUND_S = 0.05
+RESPONDER_DELAY_S = 0.05
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Netns]:
+    """A namespace whose loopback answers 10.77.0.0/16 and fd77::/64 (ICMP errors are tested
+    in test_icmp.py, whose namespaces have a router that sends them)."""
+    with Netns("rttv") as ns:
+        ns.sysctl("net.ipv4.ping_group_range", "0 2147483647")
+        ns.sysctl("net.ipv6.conf.all.accept_dad", "0")
+        ns.exec("ip", "route", "add", "local", "10.77.0.0/16", "dev", "lo")
+        ns.exec("ip", "-6", "route", "add", "local", "fd77::/64", "dev", "lo")
+        yield ns
+
+
+def blocking_after(targets: list[str]) -> Iterator[Target]:
+    """Yield the targets; once the prober has sent the last one (it asks for the next), block
+    the event loop for BLOCK_S before it can read any reply."""
+    for address in targets:
+        yield Target(address)
+    asyncio.get_running_loop().call_soon(time.sleep, BLOCK_S)
+
+
+async def probe_with_blocked_loop(
+    prober: IcmpProber, targets: list[str]
+) -> list[tuple[ProbeResult, float]]:
+    """Results with the wall-clock time each one was handed over."""
+    got: list[tuple[ProbeResult, float]] = []
+    await prober.probe_many(
+        blocking_after(targets), Pacer(FAST), lambda r: got.append((r, time.time()))
+    )
+    assert sorted(r.target.address for r, _ in got) == sorted(targets)
+    return got
+
+
+@needs_root
+@pytest.mark.root
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_rtt_excludes_time_the_reply_waited_for_a_blocked_loop(
+    lab: Netns, mode: str, family: str
+) -> None:
+    targets = (
+        [f"10.77.0.{i}" for i in range(1, 101)] if family == "ipv4"
+        else [f"fd77::{i:x}" for i in range(1, 101)]
+    )  # fmt: skip
+
+    async def scenario() -> list[tuple[ProbeResult, float]]:
+        prober = IcmpProber(timeout_s=2.0, privileged=MODES[mode])
+        try:
+            return await probe_with_blocked_loop(prober, targets)
+        finally:
+            await prober.close()
+
+    for result, handed_over in run_in_netns(lab, scenario):
+        assert result.success, result
+        # The premise: the prober saw the reply only after the block...
+        assert handed_over - result.started_at >= BLOCK_S
+        # ...yet reports the network's RTT.
+        assert result.rtt_s is not None and 0 <= result.rtt_s < HONEST_BOUND_S, result
+        assert result.details["rtt_source"] == RTT_KERNEL
+
+
+def delayed_echo_responder(sock: socket.socket, stop: threading.Event) -> None:
+    """Answer every echo request the raw socket sees RESPONDER_DELAY_S after it arrived."""
+    sock.settimeout(0.05)
+    while not stop.is_set():
+        try:
+            packet, (source, _port) = sock.recvfrom(4096)
+        except TimeoutError:
+            continue
+        arrived = time.monotonic()
+        ihl = (packet[0] & 0x0F) * 4
+        icmp = packet[ihl:]
+        if len(icmp) < 8 or icmp[0] != ICMP4_ECHO_REQUEST:
+            continue
+        _type, _code, _sum, ident, seq = struct.unpack_from("!BBHHH", icmp)
+        time.sleep(max(0.0, arrived + RESPONDER_DELAY_S - time.monotonic()))
+        sock.sendto(build_echo(ICMP4_ECHO_REPLY, ident, seq, icmp[8:]), (source, 0))
+
+
+@needs_root
+@pytest.mark.root
+@pytest.mark.parametrize("mode", MODES)
+def test_a_real_delay_is_measured_and_the_blocked_loop_is_not(mode: str) -> None:
+    """No netem on this kernel: a user-space responder answers after 50 ms instead (the
+    namespace's own echo replies are off). The RTT is the 50 ms, not the 300 ms block."""
+    with Netns("rttd") as ns:
+        ns.sysctl("net.ipv4.ping_group_range", "0 2147483647")
+        ns.sysctl("net.ipv4.icmp_echo_ignore_all", "1")
+        ns.exec("ip", "route", "add", "local", "10.77.0.0/16", "dev", "lo")
+        target = "10.77.0.5"
+
+        async def scenario() -> list[tuple[ProbeResult, float]]:
+            responder = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+            responder.bind((target, 0))  # replies come from the target's address
+            stop = threading.Event()
+            thread = threading.Thread(target=delayed_echo_responder, args=(responder, stop))
+            thread.start()
+            prober = IcmpProber(timeout_s=2.0, privileged=MODES[mode])
+            try:
+                # The block starts after the send and outlasts the responder's delay.
+                return await probe_with_blocked_loop(prober, [target])
+            finally:
+                await prober.close()
+                stop.set()
+                thread.join()
+                responder.close()
+
+        [(result, handed_over)] = run_in_netns(ns, scenario)
+    assert result.success, result
+    assert handed_over - result.started_at >= BLOCK_S
+    assert result.rtt_s is not None
+    assert RESPONDER_DELAY_S <= result.rtt_s < BLOCK_S - 0.1, result
+    assert result.details["rtt_source"] == RTT_KERNEL
+
+
+# -- the pure parts ---------------------------------------------------------------------------
+
+
+def test_kernel_receive_time_reads_scm_timestampns() -> None:
+    stamp = struct.pack("=qq", 1_700_000_000, 250_000_000)
+    assert kernel_receive_time([(socket.SOL_SOCKET, 35, stamp)]) == pytest.approx(1.70000000025e9)
+    assert kernel_receive_time([]) is None
+    assert kernel_receive_time([(socket.SOL_SOCKET, 35, stamp[:8])]) is None  # truncated
+    assert kernel_receive_time([(socket.IPPROTO_IP, 35, stamp)]) is None  # another level
+
+
+def test_honest_rtt_falls_back_to_the_loop_when_the_stamp_is_missing_or_implausible() -> None:
+    rtt, source = honest_rtt(100.000020, 100.0, 0.3)
+    assert source == RTT_KERNEL
+    assert rtt == pytest.approx(0.00002)
+    assert honest_rtt(None, 100.0, 0.3) == (0.3, RTT_LOOP)
+    assert honest_rtt(99.0, 100.0, 0.3) == (0.3, RTT_LOOP)  # the wall clock stepped back
+    assert honest_rtt(105.0, 100.0, 0.3) == (0.3, RTT_LOOP)  # ... or forward
