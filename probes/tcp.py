@@ -10,6 +10,11 @@ registered with one epoll set of the call, and that set is registered with the e
 one callback collects every finished handshake (EPOLLOUT alone = connected; an error condition
 is read with SO_ERROR). Overdue attempts are ended in bulk by a sweep over a deque ordered by
 deadline. The targets iterable is consumed lazily.
+
+RTTs come from the kernel: after a handshake TCP_INFO's tcpi_rtt is the SYN -> SYN-ACK time the
+kernel measured itself, free of however long the event loop took to notice the connection. A
+refused port (RST), or a kernel without a sample, gets the time the loop saw instead; which one
+was used is in details["rtt_source"] ("kernel" or "loop").
 """
 
 from __future__ import annotations
@@ -48,6 +53,14 @@ _RESOURCE_RETRY_S = 0.005
 _STARTS_PER_YIELD = 128
 # Finished handshakes handled per callback, so a flood cannot starve the feeder and the sweep.
 _EVENTS_PER_CALLBACK = 4096
+# struct tcp_info (linux/tcp.h): tcpi_state is byte 0, tcpi_rtt (microseconds, the smoothed RTT:
+# on a fresh connection the one SYN-ACK sample) the __u32 at byte 68, after 8 one-byte fields
+# and 15 __u32 ones (rto, ato, snd_mss, rcv_mss, unacked, sacked, lost, retrans, fackets,
+# last_data_sent, last_ack_sent, last_data_recv, last_ack_recv, pmtu, rcv_ssthresh).
+_TCP_INFO_HEAD = struct.Struct("=B67xI")
+_TCP_ESTABLISHED = 1
+RTT_KERNEL = "kernel"  # details["rtt_source"]: tcpi_rtt of the handshake
+RTT_LOOP = "loop"  # details["rtt_source"]: when the event loop saw the attempt end
 
 
 class TcpProber:
@@ -111,7 +124,8 @@ class _Probe:
         self.family = socket.AF_INET
         self.index = 0
         self.outcomes: dict[str, str] = {}
-        self.answered: tuple[int, float, Failure | None] | None = None  # port, rtt, failure
+        # port, rtt, failure, rtt source of the first port that answered
+        self.answered: tuple[int, float, Failure | None, str] | None = None
         self.first_failure: Failure | None = None
         self.sock: socket.socket | None = None
         self.started = 0.0  # perf_counter() when the current attempt's SYN went out
@@ -265,8 +279,9 @@ class _ConnectRun:
             return
         rtt = time.perf_counter() - started
         if err == 0:  # connected at once (possible on loopback)
+            rtt, source = handshake_rtt(sock, rtt)
             _close_with_rst(sock)
-            self._attempt_done(probe, port, None, rtt, None, None)
+            self._attempt_done(probe, port, None, rtt, None, None, source)
             return
         sock.close()
         self._attempt_done(probe, port, _failure_of(err), rtt, err, None)
@@ -288,8 +303,9 @@ class _ConnectRun:
                     sock.close()  # closing also takes the socket out of the epoll set
                     self._attempt_done(probe, port, _failure_of(err), rtt, err, None)
                     continue
+            rtt, source = handshake_rtt(sock, rtt)
             _close_with_rst(sock)
-            self._attempt_done(probe, port, None, rtt, None, None)
+            self._attempt_done(probe, port, None, rtt, None, None, source)
 
     def _attempt_done(
         self,
@@ -299,17 +315,18 @@ class _ConnectRun:
         rtt: float,
         err: int | None,
         error_text: str | None,
+        rtt_source: str = RTT_LOOP,
     ) -> None:
         """Record one port's outcome; finish the probe or go on with the next port."""
         probe.outcomes[str(port)] = "open" if failure is None else str(failure)
         if failure is None:
-            probe.answered = (port, rtt, None)
+            probe.answered = (port, rtt, None, rtt_source)
             self._complete(probe, self._result(probe))
             return
         if probe.first_failure is None:
             probe.first_failure = failure
         if failure in TARGET_ANSWERED and probe.answered is None:
-            probe.answered = (port, rtt, failure)
+            probe.answered = (port, rtt, failure, rtt_source)
         if err is not None:
             probe.outcomes[f"{port}_errno"] = errno.errorcode.get(err, str(err))
         elif error_text is not None:
@@ -334,8 +351,9 @@ class _ConnectRun:
         if probe.address != probe.target.address:
             details["address"] = probe.address
         if probe.answered is not None:
-            port, rtt, failure = probe.answered
+            port, rtt, failure, rtt_source = probe.answered
             details["port"] = port
+            details["rtt_source"] = rtt_source
             return ProbeResult(
                 probe.target, "tcp", True, failure is None, failure, rtt, probe.started_at,
                 details,
@@ -413,6 +431,30 @@ class _ConnectRun:
         self.outstanding = 0
         if not self.done.done():
             self.done.cancel()
+
+
+def parse_tcp_info_rtt(info: bytes) -> float | None:
+    """tcpi_rtt in seconds from TCP_INFO bytes of an established connection; None when the
+    buffer is short, the connection is not established or the kernel has no sample (0)."""
+    if len(info) < _TCP_INFO_HEAD.size:
+        return None
+    state, rtt_us = _TCP_INFO_HEAD.unpack_from(info)
+    if state != _TCP_ESTABLISHED or rtt_us == 0:
+        return None
+    return float(rtt_us) / 1e6
+
+
+def handshake_rtt(sock: socket.socket, loop_rtt: float) -> tuple[float, str]:
+    """The handshake RTT of a just-connected socket and its source: the kernel's measure when
+    TCP_INFO has one (and it is not beyond what the loop saw), else the loop's."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_HEAD.size)
+    except OSError:
+        return loop_rtt, RTT_LOOP
+    rtt = parse_tcp_info_rtt(info)
+    if rtt is None or rtt > loop_rtt:
+        return loop_rtt, RTT_LOOP
+    return rtt, RTT_KERNEL
 
 
 def _close_with_rst(sock: socket.socket) -> None:

@@ -5,8 +5,13 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import re
 import resource
 import socket
+import struct
+import subprocess
+import time
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import given
@@ -15,7 +20,7 @@ from hypothesis import strategies as st
 from probes.base import Failure, ProbeResult, ProbeSetupError, Target
 from probes.oserrors import failure_from_oserror
 from probes.pacing import Blocklist, Pacer, PacingPolicy
-from probes.tcp import TcpProber
+from probes.tcp import TcpProber, handshake_rtt, parse_tcp_info_rtt
 from tests.netns import Netns, needs_root, run_in_netns
 from tests.probes.servers import free_port, raw_tcp_server, reset_after_request
 
@@ -310,3 +315,71 @@ async def test_running_out_of_descriptors_delays_probes_instead_of_failing_them(
     assert len(results) == 200
     assert all(r.success for r in results), {str(r.failure) for r in results}
     assert prober.resource_waits > 0
+
+
+# --- RTTs: the kernel's handshake measure, not the event loop's --------------------------------
+
+BLOCK_S = 0.3
+HONEST_BOUND_S = 0.05  # far below BLOCK_S, far above a loopback handshake (microseconds)
+
+
+def _blocking_after(targets: list[Target]) -> Iterator[Target]:
+    """Yield the targets; once the last SYN is out (the prober asks for the next target), block
+    the event loop for BLOCK_S, as a busy daemon would, before it can see any handshake end."""
+    yield from targets
+    asyncio.get_running_loop().call_soon(time.sleep, BLOCK_S)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+async def test_handshake_rtt_excludes_time_the_loop_was_blocked(host: str) -> None:
+    got: list[tuple[ProbeResult, float]] = []
+    async with raw_tcp_server(_accept_and_wait, host=host) as port:
+        targets = [Target(host)] * 60
+        await TcpProber(ports=(port,), timeout_s=2).probe_many(
+            _blocking_after(targets), _pacer(), lambda r: got.append((r, time.time()))
+        )
+    assert len(got) == 60
+    for result, handed_over in got:
+        assert result.success, result
+        assert handed_over - result.started_at >= BLOCK_S  # the loop saw it after the block...
+        assert result.rtt_s is not None and 0 < result.rtt_s < HONEST_BOUND_S, result  # ...but
+        assert result.details["rtt_source"] == "kernel"
+
+
+async def test_refused_port_rtt_is_the_loops_and_says_so() -> None:
+    """A RST leaves no TCP_INFO sample: the loop's time is used, and labelled as such."""
+    [result] = await _probe(TcpProber(ports=(free_port(),)), [Target("127.0.0.1")])
+    assert result.failure is Failure.CONNECTION_REFUSED
+    assert result.rtt_s is not None and result.details["rtt_source"] == "loop"
+
+
+def _tcp_info(state: int, rtt_us: int, size: int = 104) -> bytes:
+    info = bytearray(max(size, 72))
+    info[0] = state
+    struct.pack_into("=I", info, 68, rtt_us)
+    return bytes(info[:size])
+
+
+def test_tcp_info_rtt_is_read_from_its_offset_and_only_when_meaningful() -> None:
+    assert parse_tcp_info_rtt(_tcp_info(1, 1234)) == pytest.approx(0.001234)
+    assert parse_tcp_info_rtt(_tcp_info(1, 1234, size=72)) == pytest.approx(0.001234)
+    assert parse_tcp_info_rtt(_tcp_info(1, 1234, size=71)) is None  # truncated
+    assert parse_tcp_info_rtt(_tcp_info(7, 1234)) is None  # closed: no handshake sample
+    assert parse_tcp_info_rtt(_tcp_info(1, 0)) is None  # established, but no sample yet
+
+
+def test_handshake_rtt_matches_the_kernels_own_tcp_info() -> None:
+    """The offset is right: what handshake_rtt reports is tcpi_rtt as `ss -ti` shows it."""
+    with (
+        socket.create_server(("127.0.0.1", 0)) as server,
+        socket.create_connection(server.getsockname()) as client,
+    ):
+        rtt, source = handshake_rtt(client, loop_rtt=1.0)
+        ss = subprocess.run(
+            ["ss", "-tniH", "state", "established", "src", "127.0.0.1",
+             "sport", f"= {client.getsockname()[1]}"],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+    assert source == "kernel"
+    ss_rtt_ms = float(re.search(r"\brtt:([0-9.]+)/", ss).group(1))  # type: ignore[union-attr]
+    assert rtt == pytest.approx(ss_rtt_ms / 1000, abs=1e-6)
