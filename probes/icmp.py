@@ -7,9 +7,11 @@ from a deque ordered by deadline. The targets iterable is consumed lazily, so a 
 targets cost only what the caller holds.
 
 RTTs come from the kernel: SO_TIMESTAMPNS stamps every received packet (and every error-queue
-entry) when it arrived, so RTT = that stamp - the wall clock read just before sendto(). The time a
-reply then waits in the socket buffer for a busy event loop is not part of the RTT. A missing or
-implausible stamp (the wall clock stepped) falls back to the time the loop saw the reply.
+entry) with the wall-clock time it reached the socket. The time the reply then waited in the
+socket buffer for a busy event loop (wall clock now - stamp) is taken off the loop's own
+monotonic measure: RTT = (now - sent) - (now - stamp), i.e. stamp - send time, with no wall-clock
+stamp to keep per probe. A missing or implausible stamp (the wall clock stepped while the reply
+waited) leaves the loop's measure.
 
 Sockets: unprivileged ICMP datagram sockets where `net.ipv4.ping_group_range` admits our group
 (the kernel picks the echo id, which is the socket's local "port", and delivers only replies with
@@ -68,9 +70,9 @@ _TIMESPEC = struct.Struct("=qq")
 # Room for the timestamp, and for IP_RECVERR's sock_extended_err plus the offender's address.
 _STAMP_ANCILLARY_BYTES = socket.CMSG_SPACE(_TIMESPEC.size)
 _ERROR_ANCILLARY_BYTES = 512
-# A kernel RTT may exceed the loop's measure only by clock-rate differences (NTP slewing);
-# more than this means the wall clock stepped between send and receive.
-_CLOCK_SLACK_S = 0.002
+# Reading the two clocks one after the other can make a reply's wait look slightly negative;
+# more than this means the wall clock stepped.
+_CLOCK_SLACK_S = 0.001
 
 RTT_KERNEL = "kernel"  # details["rtt_source"]: the socket's receive timestamp
 RTT_LOOP = "loop"  # details["rtt_source"]: when the event loop read the reply
@@ -249,13 +251,15 @@ def kernel_receive_time(ancdata: list[tuple[int, int, bytes]]) -> float | None:
     return None
 
 
-def honest_rtt(received_wall: float | None, sent_wall: float, loop_rtt: float) -> tuple[float, str]:
-    """The RTT and its source: the kernel's receive stamp minus the send time when there is a
-    stamp and it is plausible (not negative, not beyond what the loop saw), else the loop's."""
+def honest_rtt(received_wall: float | None, now_wall: float, loop_rtt: float) -> tuple[float, str]:
+    """The RTT and its source. `loop_rtt`: monotonic send -> now; `received_wall`: the kernel's
+    stamp of the reply, `now_wall`: the wall clock now. The time the reply waited for us is taken
+    off when there is a stamp and that wait is plausible (not negative, not longer than the
+    whole loop measure); else the loop's measure stands."""
     if received_wall is not None:
-        rtt = received_wall - sent_wall
-        if 0.0 <= rtt <= loop_rtt + _CLOCK_SLACK_S:
-            return rtt, RTT_KERNEL
+        waited = now_wall - received_wall
+        if -_CLOCK_SLACK_S <= waited <= loop_rtt:
+            return max(loop_rtt - waited, 0.0), RTT_KERNEL
     return loop_rtt, RTT_LOOP
 
 
@@ -334,11 +338,13 @@ class _Call:
     """The bookkeeping of one probe_many call: its sink, its pacer, the results still owed."""
 
     __slots__ = (
-        "active", "done", "error", "fed", "on_result", "outstanding", "pacer",
+        "active", "done", "error", "fed", "on_result", "outstanding", "pacer", "wall_offset",
     )  # fmt: skip
 
     def __init__(self, on_result: ResultSink, pacer: Pacer, done: asyncio.Future[None]) -> None:
         self.on_result = on_result
+        # time.time() - time.monotonic(): wall-clock send times from the monotonic stamps.
+        self.wall_offset = time.time() - time.monotonic()
         self.pacer = pacer  # in-flight slots go back to the pacer they came from
         self.done = done
         self.outstanding = 0
@@ -350,27 +356,22 @@ class _Call:
 class _Pending:
     """One echo in flight. Answered entries stay until their deadline to recognise duplicates.
 
-    Kept small (up to rate x timeout of them are alive). `sent_mono` orders deadlines and
-    measures the loop's RTT; `started_at` is the wall clock just before sendto(), which the
-    kernel's receive timestamps are compared with.
+    Kept small (up to rate x timeout of them are alive): the deadline is `sent_mono` plus the
+    prober's timeout and the wall-clock send time is `sent_mono` plus the call's offset.
     """
 
-    __slots__ = ("answered", "call", "key", "sent_mono", "started_at", "target")
+    __slots__ = ("answered", "call", "key", "sent_mono", "target")
 
-    def __init__(
-        self,
-        key: tuple[str, int],
-        target: Target,
-        call: _Call,
-        sent_mono: float,
-        started_at: float,
-    ) -> None:
+    def __init__(self, key: tuple[str, int], target: Target, call: _Call, sent_mono: float) -> None:
         self.key = key
         self.target = target
         self.call = call
         self.sent_mono = sent_mono
-        self.started_at = started_at
         self.answered = False
+
+    @property
+    def started_at(self) -> float:
+        return self.call.wall_offset + self.sent_mono
 
 
 class _Endpoint:
@@ -542,6 +543,8 @@ class IcmpProber:
         acquire_slot = pacer.acquire_slot
         monotonic = time.monotonic
         wall = time.time
+        # Wall-clock send times from the monotonic stamp: one clock read per probe, not two.
+        wall_offset = call.wall_offset
         inet_pton = socket.inet_pton
         af_inet = socket.AF_INET
         since_yield = 0
@@ -574,7 +577,7 @@ class IcmpProber:
                 seq = endpoint.seq = (endpoint.seq + 1) & 0xFFFF
                 packet = endpoint.template.packet(seq)
                 sent_mono = monotonic()
-                started_at = wall()  # the send time kernel receive stamps are compared with
+                started_at = wall_offset + sent_mono
                 try:
                     endpoint.sock.sendto(packet, (key_address, 0))
                     error = None
@@ -596,7 +599,7 @@ class IcmpProber:
                 raise
             stats.sent += 1
             key = (key_address, seq)
-            entry = _Pending(key, target, call, sent_mono, started_at)
+            entry = _Pending(key, target, call, sent_mono)
             pending[key] = entry
             deadlines.append(entry)
             call.outstanding += 1
@@ -721,6 +724,7 @@ class IcmpProber:
         ident, payload, pending, stats = endpoint.ident, endpoint.payload, self._pending, self.stats
         unpack_from = _ECHO_HEADER.unpack_from
         monotonic = time.monotonic
+        wall = time.time
         for _ in range(_READS_PER_CALLBACK):
             try:
                 data, ancdata, _flags, source = recvmsg(_MAX_PACKET, _STAMP_ANCILLARY_BYTES)
@@ -742,9 +746,8 @@ class IcmpProber:
                 else:
                     stats.echo_replies += 1
                     rtt, rtt_source = honest_rtt(
-                        kernel_receive_time(ancdata), entry.started_at,
-                        monotonic() - entry.sent_mono,
-                    )  # fmt: skip
+                        kernel_receive_time(ancdata), wall(), monotonic() - entry.sent_mono
+                    )
                     self._finish(
                         entry,
                         ProbeResult(entry.target, METHOD, True, True, None, rtt, entry.started_at,
@@ -780,7 +783,7 @@ class IcmpProber:
         if entry.answered:
             stats.duplicates += 1
             return
-        rtt, rtt_source = honest_rtt(received, entry.started_at, time.monotonic() - entry.sent_mono)
+        rtt, rtt_source = honest_rtt(received, time.time(), time.monotonic() - entry.sent_mono)
         stats.echo_replies += 1
         details: dict[str, Any] = {"rtt_source": rtt_source}
         if parsed.ttl is not None:
@@ -811,7 +814,7 @@ class IcmpProber:
         stats.unreachable += 1
         # Not the target's RTT (it did not answer) but how far away the reporter is.
         error_rtt, rtt_source = honest_rtt(
-            received, entry.started_at, time.monotonic() - entry.sent_mono
+            received, time.time(), time.monotonic() - entry.sent_mono
         )
         details: dict[str, Any] = {
             "icmp_type": parsed.icmp_type, "icmp_code": parsed.code,

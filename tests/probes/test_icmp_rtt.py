@@ -163,10 +163,11 @@ def test_kernel_receive_time_reads_scm_timestampns() -> None:
     assert kernel_receive_time([(socket.IPPROTO_IP, 35, stamp)]) is None  # another level
 
 
-def test_honest_rtt_falls_back_to_the_loop_when_the_stamp_is_missing_or_implausible() -> None:
-    rtt, source = honest_rtt(100.000020, 100.0, 0.3)
+def test_honest_rtt_takes_off_the_wait_or_falls_back_to_the_loop() -> None:
+    # Sent 0.3 s ago (monotonic); the kernel stamped the reply 0.29998 s ago (wall clock).
+    rtt, source = honest_rtt(99.70002, 100.0, 0.3)
     assert source == RTT_KERNEL
     assert rtt == pytest.approx(0.00002)
-    assert honest_rtt(None, 100.0, 0.3) == (0.3, RTT_LOOP)
-    assert honest_rtt(99.0, 100.0, 0.3) == (0.3, RTT_LOOP)  # the wall clock stepped back
-    assert honest_rtt(105.0, 100.0, 0.3) == (0.3, RTT_LOOP)  # ... or forward
+    assert honest_rtt(None, 100.0, 0.3) == (0.3, RTT_LOOP)  # no stamp
+    assert honest_rtt(99.0, 100.0, 0.3) == (0.3, RTT_LOOP)  # stamped "before the send": a step
+    assert honest_rtt(101.0, 100.0, 0.3) == (0.3, RTT_LOOP)  # stamped in the future: a step
