@@ -12,6 +12,9 @@ The ICMP timeout is 1 s. Root needed; nothing leaves the namespace.
     python3 benchmarks/round_kz.py --lost 10        # every 10th block needs a re-probe
     python3 benchmarks/round_kz.py --loss-pct 10    # 10% random loss on every round
 
+Peak RSS is the process's VmHWM (/proc/self/status), reset (clear_refs 5) once the universe and
+hitlist are built, so it is the peak while probing; the summary also gives the RSS after setup.
+
 Prints one JSON line per round and a summary.
 """
 
@@ -44,6 +47,14 @@ from probes.pacing import Blocklist, Pacer, PacingPolicy
 from tests.netns import Netns, run_in_netns
 
 LAB_BASE = 0x0A0000  # block number of 10.0.0.0/24
+
+
+def vm_mib(field: str) -> float:
+    """A VmXXX line of /proc/self/status (VmRSS, VmHWM), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return round(int(line.split()[1]) / 1024, 1)
+    raise KeyError(field)
 
 
 def lab_universe(lost_every: int) -> tuple[Universe, Hitlist, list[str]]:
@@ -88,6 +99,7 @@ async def rounds(universe: Universe, hitlist: Hitlist, count: int) -> list[dict[
                 "blocks_up": points.get("icmp_blocks_up"),
                 "probes": sum(outcome.probes.values()),
                 "icmp_loss": round(points.get("icmp_loss", 0.0), 4),
+                "peak_rss_mib": vm_mib("VmHWM"),
             })
             print(json.dumps(results[-1]), flush=True)
     finally:
@@ -105,7 +117,10 @@ def main() -> None:
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("round_kz.py: needs root (it creates a network namespace)")
+    rss_start = vm_mib("VmRSS")
     universe, hitlist, dropped = lab_universe(args.lost)
+    rss_setup, peak_setup = vm_mib("VmRSS"), vm_mib("VmHWM")
+    Path("/proc/self/clear_refs").write_text("5")  # the peak from here on is the rounds'
     with Netns("smbench") as ns:
         ns.exec("ip", "route", "add", "local", "10.0.0.0/10", "dev", "lo")
         if dropped or args.loss_pct:
@@ -129,6 +144,8 @@ def main() -> None:
         "median_wall_s": sorted(r["wall_s"] for r in steady)[len(steady) // 2],
         "median_cpu_s": sorted(r["cpu_s"] for r in steady)[len(steady) // 2],
         "max_wall_s": max(r["wall_s"] for r in results),
+        "rss_start_mib": rss_start, "rss_after_setup_mib": rss_setup,
+        "peak_rss_setup_mib": peak_setup, "peak_rss_rounds_mib": vm_mib("VmHWM"),
     }))
 
 
