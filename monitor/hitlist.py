@@ -20,6 +20,8 @@ import io
 import logging
 import os
 import socket
+import struct
+from array import array
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Final, TextIO
@@ -34,95 +36,182 @@ log = logging.getLogger(__name__)
 HEADER: Final = ("block", "address", "answered", "probed")
 
 
+_NO_SLOT: Final = 0  # page entry of a block the hitlist has never seen
+_PAIR: Final = struct.Struct("<II")  # (answered, probed) of one address
+_COUNTER_MAX: Final = 2**32 - 1
+
+
 class Hitlist:
-    """Responsive addresses per block for one country; mutable, saved by its owner."""
+    """Responsive addresses per block for one country; mutable, saved by its owner.
+
+    Compact: a block costs one packed `bytes` record (tens of bytes), not dicts of lists.
+    Record layout: [n responsive][octets, responsive first in preference order, then silent ones]
+    [(answered, probed) as two little-endian u32 per octet, in the same order]. Blocks map to
+    record slots through one array('I') page of 256 entries per /16 (slot + 1; 0 = unknown).
+    """
 
     def __init__(self, path: str | Path | None = None) -> None:
         self.path = Path(path) if path is not None else None
-        self._responsive: dict[int, list[int]] = {}  # block -> host octets, preferred first
-        self._stats: dict[int, dict[int, list[int]]] = {}  # block -> octet -> [answered, probed]
-        self._tried: dict[int, int] = {}  # block -> discovery candidates handed out
+        self._pages: dict[int, array[int]] = {}  # block >> 8 -> slot + 1 of each of its blocks
+        self._records: list[bytes] = []  # slot -> packed record (b"" if only tried)
+        self._tried = array("I")  # slot -> discovery candidates handed out
+        self._known = 0  # blocks with at least one responsive address
         self.skipped = 0
         self.dirty = False
+
+    # ------------------------------------------------------------ slots
+
+    def _slot(self, block: int) -> int:
+        """The block's record slot, or -1."""
+        page = self._pages.get(block >> 8)
+        if page is None:
+            return -1
+        return page[block & 255] - 1
+
+    def _new_slot(self, block: int) -> int:
+        page = self._pages.get(block >> 8)
+        if page is None:
+            page = self._pages[block >> 8] = array("I", bytes(4 * 256))
+        slot = page[block & 255] - 1
+        if slot < 0:
+            slot = len(self._records)
+            self._records.append(b"")
+            self._tried.append(0)
+            page[block & 255] = slot + 1
+        return slot
+
+    def _record(self, block: int) -> bytes:
+        slot = self._slot(block)
+        return self._records[slot] if slot >= 0 else b""
+
+    def _blocks(self) -> Iterator[int]:
+        """Blocks with at least one probed address, in address order."""
+        records = self._records
+        for high in sorted(self._pages):
+            page = self._pages[high]
+            for low in range(256):
+                slot = page[low]
+                if slot != _NO_SLOT and records[slot - 1]:
+                    yield high << 8 | low
 
     # ------------------------------------------------------------ queries
 
     def responsive(self, block: int) -> list[int]:
         """Host octets of the block known to answer, preferred first (empty if none)."""
-        return self._responsive.get(block, [])
+        page = self._pages.get(block >> 8)
+        if page is None:
+            return []
+        slot = page[block & 255]
+        if slot == _NO_SLOT:
+            return []
+        record = self._records[slot - 1]
+        return list(record[1:1 + record[0]]) if record else []
 
     def is_known(self, block: int) -> bool:
-        return block in self._responsive
+        record = self._record(block)
+        return bool(record) and record[0] > 0
 
     def known_blocks(self) -> int:
-        return len(self._responsive)
+        return self._known
 
     def tried(self, block: int) -> int:
-        return self._tried.get(block, 0)
+        slot = self._slot(block)
+        return self._tried[slot] if slot >= 0 else 0
 
     def stats(self, block: int, octet: int) -> tuple[int, int]:
         """(answered, probed) of one address."""
-        answered, probed = self._stats.get(block, {}).get(octet, (0, 0))
+        record = self._record(block)
+        count = len(record) // 9
+        index = record.find(octet, 1, 1 + count) if record else -1
+        if index < 0:
+            return 0, 0
+        answered, probed = _PAIR.unpack_from(record, 1 + count + 8 * (index - 1))
         return answered, probed
 
     def is_done(self, block: int, budget: int) -> bool:
         """Discovery is finished for the block: it answered, or its budget is spent."""
-        return block in self._responsive or self._tried.get(block, 0) >= budget
+        return self.is_known(block) or self.tried(block) >= budget
 
     # ------------------------------------------------------------ learning
 
     def next_candidates(self, block: int, count: int, budget: int) -> list[int]:
         """Up to `count` untried candidate octets of a silent block, within `budget` in all."""
-        start = self._tried.get(block, 0)
+        start = self.tried(block)
         stop = min(budget, start + count)
         if stop <= start:
             return []
-        self._tried[block] = stop
+        self._tried[self._new_slot(block)] = stop
         return candidate_octets(block, stop)[start:stop]
 
     def record(self, block: int, octet: int, answered: bool) -> None:
         """One probe of block.octet and whether it answered."""
-        per_block = self._stats.get(block)
-        if per_block is None:
-            per_block = self._stats[block] = {}
-        entry = per_block.get(octet)
-        if entry is None:
-            entry = per_block[octet] = [0, 0]
-        entry[1] += 1
-        if answered:
-            entry[0] += 1
-            octets = self._responsive.get(block)
-            if octets is None:
-                self._responsive[block] = [octet]
-            elif octet not in octets:
-                octets.append(octet)
+        slot = self._new_slot(block)
+        record = self._records[slot]
+        count = len(record) // 9
+        index = record.find(octet, 1, 1 + count) if record else -1
+        if index < 0:
+            self._set(slot, octet, int(answered), 1)
+        else:
+            hits, probes = _PAIR.unpack_from(record, 1 + count + 8 * (index - 1))
+            self._set(slot, octet, min(_COUNTER_MAX, hits + answered),
+                      min(_COUNTER_MAX, probes + 1))
         self.dirty = True
+
+    def _set(self, slot: int, octet: int, answered: int, probed: int) -> None:
+        """Set one address's counters; it is responsive exactly when answered > 0 (a newly
+        responsive address goes last among the responsive ones, a newly silent one last)."""
+        record = self._records[slot]
+        responsive = record[0] if record else 0
+        count = len(record) // 9
+        index = record.find(octet, 1, 1 + count) - 1 if record else -1
+        if index < 0:
+            record = _inserted(record, count, octet)
+            index = count
+            count += 1
+        record = record[:1 + count + 8 * index] + _PAIR.pack(answered, probed) \
+            + record[1 + count + 8 * (index + 1):]
+        if answered > 0 and index >= responsive:
+            record = _moved(record, index, responsive, responsive + 1)
+            self._known += responsive == 0
+        elif answered == 0 and index < responsive:
+            record = _moved(record, index, count - 1, responsive - 1)
+            self._known -= responsive == 1
+        self._records[slot] = record
 
     def promote(self, block: int, octet: int) -> None:
         """Make `octet` the block's preferred address (it answered when the first did not)."""
-        octets = self._responsive.get(block)
-        if octets and octets[0] != octet and octet in octets:
-            octets.remove(octet)
-            octets.insert(0, octet)
+        slot = self._slot(block)
+        if slot < 0:
+            return
+        record = self._records[slot]
+        if not record:
+            return
+        index = record.find(octet, 2, 1 + record[0])  # among the responsive ones but the first
+        if index > 0:
+            self._records[slot] = _moved(record, index - 1, 0, record[0])
             self.dirty = True
 
     # ------------------------------------------------------------ files
 
     def rows(self, block: int) -> Iterator[tuple[str, str, int, int]]:
         """The file rows of one block: responsive addresses first (in preference order)."""
+        record = self._record(block)
+        if not record:
+            return
         network = block_network(block)
-        per_block = self._stats.get(block, {})
-        preferred = self._responsive.get(block, [])
-        rest = sorted(o for o in per_block if o not in preferred)
-        for octet in preferred + rest:
-            answered, probed = per_block.get(octet, (0, 0))
-            yield network, address_of(block, octet), answered, probed
+        count = len(record) // 9
+        responsive = record[0]
+        order = list(range(responsive))
+        order += sorted(range(responsive, count), key=lambda i: record[1 + i])
+        for i in order:
+            answered, probed = _PAIR.unpack_from(record, 1 + count + 8 * i)
+            yield network, address_of(block, record[1 + i]), answered, probed
 
     def write(self, handle: TextIO) -> None:
         """The whole hitlist as CSV, blocks in address order."""
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(HEADER)
-        for block in sorted(self._stats):
+        for block in self._blocks():
             writer.writerows(self.rows(block))
 
     def save(self, path: str | Path | None = None) -> Path:
@@ -186,21 +275,34 @@ class Hitlist:
         answered, probed = int(row[2]), int(row[3])
         if not 0 <= answered <= probed:
             raise ValueError(f"expected 0 <= answered <= probed, got {answered}, {probed}")
+        if probed > _COUNTER_MAX:
+            raise ValueError(f"expected counts below 2**32, got {probed}")
+        slot = self._new_slot(block)
+        record = self._records[slot]
         octet = address & 255
-        per_block = self._stats.setdefault(block, {})
-        if octet not in per_block:
-            self._tried[block] = self._tried.get(block, 0) + 1
-        per_block[octet] = [answered, probed]
-        octets = self._responsive.get(block)
-        if answered > 0:
-            if octets is None:
-                self._responsive[block] = [octet]
-            elif octet not in octets:
-                octets.append(octet)
-        elif octets is not None and octet in octets:
-            octets.remove(octet)
-            if not octets:
-                del self._responsive[block]
+        if not record or record.find(octet, 1, 1 + len(record) // 9) < 0:
+            self._tried[slot] += 1
+        self._set(slot, octet, answered, probed)
+
+
+def _inserted(record: bytes, count: int, octet: int) -> bytes:
+    """`record` with one more address, last, counters zero."""
+    if not record:
+        return bytes((0, octet)) + bytes(8)
+    return record[:1 + count] + bytes((octet,)) + record[1 + count:] + bytes(8)
+
+
+def _moved(record: bytes, source: int, dest: int, responsive: int) -> bytes:
+    """`record` with entry `source` moved to position `dest` and `responsive` in its header."""
+    count = len(record) // 9
+    octets = bytearray(record[1:1 + count])
+    pairs = bytearray(record[1 + count:])
+    octet = octets.pop(source)
+    octets.insert(dest, octet)
+    pair = pairs[8 * source:8 * source + 8]
+    del pairs[8 * source:8 * source + 8]
+    pairs[8 * dest:8 * dest] = pair
+    return bytes((responsive,)) + octets + pairs
 
 
 # ---------------------------------------------------------------- discovery
