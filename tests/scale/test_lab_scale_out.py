@@ -35,12 +35,11 @@ from monitor.lab.conditions import Applier
 from monitor.lab.runner import join_netns, lab_config
 from monitor.lab.scenarios import CONTROL_COUNTRIES, Scenario, nationwide_shutdown
 from monitor.lab.topology import Lab
-from monitor.lab.world import DATA_DIR, World, build_world
+from monitor.lab.world import World, build_world
 from tests.netns import needs_root
 from tests.scale.storage import VictoriaMetrics, needs_victoria_metrics
 
-pytestmark = [needs_root, needs_victoria_metrics, pytest.mark.slow,
-              pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"LOUD SKIP: no {DATA_DIR}")]
+pytestmark = [needs_root, needs_victoria_metrics, pytest.mark.slow]
 
 T = TypeVar("T")
 Key = tuple[str, int]
