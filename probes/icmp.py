@@ -6,7 +6,7 @@ shared socket per family; one reader callback drains replies and matches them on
 from a deque ordered by deadline. The targets iterable is consumed lazily, so a million queued
 targets cost only what the caller holds.
 
-RTTs come from the kernel: SO_TIMESTAMPNS stamps every received packet (and every error-queue
+RTTs come from the kernel: SO_TIMESTAMPING stamps every received packet (and every error-queue
 entry) with the wall-clock time it reached the socket. The time the reply then waited in the
 socket buffer for a busy event loop (wall clock now - stamp) is taken off the loop's own
 monotonic measure: RTT = (now - sent) - (now - stamp), i.e. stamp - send time, with no wall-clock
@@ -62,13 +62,18 @@ _IPV6_RECVERR = 25
 _SO_RCVBUFFORCE = 33
 _SO_EE_ORIGIN_ICMP = 2
 _SO_EE_ORIGIN_ICMP6 = 3
-# SO_TIMESTAMPNS and its control message (same number) on x86, arm and riscv: the struct
-# timespec (two longs, CLOCK_REALTIME) of when the packet reached the socket.
-_SO_TIMESTAMPNS = 35
-_SCM_TIMESTAMPNS = _SO_TIMESTAMPNS
+# SO_TIMESTAMPING and its control message (same number) on x86, arm and riscv, asking for
+# software receive stamps: struct scm_timestamping, three struct timespec (two longs each,
+# CLOCK_REALTIME), the first the software stamp of when the packet reached the host. Not
+# SO_TIMESTAMPNS: for a packet that came in before the kernel had turned stamping on (it does
+# so a moment after the first socket asks), that one reports the time of the read instead.
+_SO_TIMESTAMPING = 37
+_SCM_TIMESTAMPING = _SO_TIMESTAMPING
+_SOF_TIMESTAMPING_RX_SOFTWARE = 1 << 3
+_SOF_TIMESTAMPING_SOFTWARE = 1 << 4
 _TIMESPEC = struct.Struct("=qq")
-# Room for the timestamp, and for IP_RECVERR's sock_extended_err plus the offender's address.
-_STAMP_ANCILLARY_BYTES = socket.CMSG_SPACE(_TIMESPEC.size)
+# Room for the stamps, and for IP_RECVERR's sock_extended_err plus the offender's address.
+_STAMP_ANCILLARY_BYTES = socket.CMSG_SPACE(3 * _TIMESPEC.size)
 _ERROR_ANCILLARY_BYTES = 512
 # Reading the two clocks one after the other can make a reply's wait look slightly negative;
 # more than this means the wall clock stepped.
@@ -243,10 +248,13 @@ def parse_extended_error(cdata: bytes, v6: bool) -> ExtendedError | None:
 
 
 def kernel_receive_time(ancdata: list[tuple[int, int, bytes]]) -> float | None:
-    """The SCM_TIMESTAMPNS receive time (Unix seconds) in recvmsg's ancillary data, or None."""
+    """The software receive time (Unix seconds) in recvmsg's SCM_TIMESTAMPING ancillary data;
+    None when there is none (or it is zero: the packet was not stamped)."""
     for level, kind, cdata in ancdata:
-        if level == socket.SOL_SOCKET and kind == _SCM_TIMESTAMPNS and len(cdata) >= 16:
+        if level == socket.SOL_SOCKET and kind == _SCM_TIMESTAMPING and len(cdata) >= 16:
             seconds, nanoseconds = _TIMESPEC.unpack_from(cdata)
+            if seconds == 0 and nanoseconds == 0:
+                return None
             return float(seconds + nanoseconds * 1e-9)
     return None
 
@@ -418,7 +426,11 @@ class _Endpoint:
             level = socket.IPPROTO_IPV6 if self.v6 else socket.IPPROTO_IP
             sock.setsockopt(level, _IPV6_RECVERR if self.v6 else _IP_RECVERR, 1)
         # Receive times from the kernel: what a busy event loop adds is not network RTT.
-        sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+        sock.setsockopt(
+            socket.SOL_SOCKET,
+            _SO_TIMESTAMPING,
+            _SOF_TIMESTAMPING_RX_SOFTWARE | _SOF_TIMESTAMPING_SOFTWARE,
+        )
         self.payload = payload
         self.template = EchoTemplate(self.v6, self.ident, payload)
         self.seq = int.from_bytes(os.urandom(2), "big")

@@ -36,7 +36,7 @@ from probes.icmp import (
 )
 from probes.pacing import Blocklist, Pacer, PacingPolicy
 from tests.netns import Netns, needs_root, run_in_netns
-from tests.probes.test_icmp_rtt import HONEST_BOUND_S, probe_with_blocked_loop
+from tests.probes.test_icmp_rtt import HONEST_BOUND_S, probe_with_blocked_loop, warm_up
 
 pytestmark = [needs_root, pytest.mark.root]
 
@@ -232,7 +232,8 @@ def test_icmp_error_times_come_from_the_kernel(vantage: Netns, mode: str) -> Non
     async def scenario() -> list[tuple[ProbeResult, float]]:
         prober = IcmpProber(timeout_s=2.0, privileged=MODES[mode])
         try:
-            return await probe_with_blocked_loop(prober, targets)
+            await warm_up(prober, "fd77::1")  # the IPv4 socket's warm-up is in the next call
+            return await probe_with_blocked_loop(prober, targets, warm_up_target="10.77.0.1")
         finally:
             await prober.close()
 

@@ -58,10 +58,25 @@ def blocking_after(targets: list[str]) -> Iterator[Target]:
     asyncio.get_running_loop().call_soon(time.sleep, BLOCK_S)
 
 
+async def warm_up(prober: IcmpProber, target: str) -> None:
+    """Probe until replies carry kernel stamps: the kernel turns receive stamping on a moment
+    after the first socket on the host asks (deferred work), and a daemon's socket stays open.
+    Replies that come before are labelled "loop", never passed off as the kernel's."""
+    for _ in range(100):
+        got: list[ProbeResult] = []
+        await prober.probe_many([Target(target)], Pacer(FAST), got.append)
+        assert got[0].success, got[0]
+        if got[0].details["rtt_source"] == RTT_KERNEL:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"no kernel receive stamps after 100 probes of {target}")
+
+
 async def probe_with_blocked_loop(
-    prober: IcmpProber, targets: list[str]
+    prober: IcmpProber, targets: list[str], warm_up_target: str | None = None
 ) -> list[tuple[ProbeResult, float]]:
     """Results with the wall-clock time each one was handed over."""
+    await warm_up(prober, warm_up_target or targets[0])
     got: list[tuple[ProbeResult, float]] = []
     await prober.probe_many(
         blocking_after(targets), Pacer(FAST), lambda r: got.append((r, time.time()))
@@ -155,12 +170,16 @@ def test_a_real_delay_is_measured_and_the_blocked_loop_is_not(mode: str) -> None
 # -- the pure parts ---------------------------------------------------------------------------
 
 
-def test_kernel_receive_time_reads_scm_timestampns() -> None:
-    stamp = struct.pack("=qq", 1_700_000_000, 250_000_000)
-    assert kernel_receive_time([(socket.SOL_SOCKET, 35, stamp)]) == pytest.approx(1.70000000025e9)
+def test_kernel_receive_time_reads_the_software_stamp_of_scm_timestamping() -> None:
+    stamp = struct.pack("=qq", 1_700_000_000, 250_000_000) + bytes(32)  # software, (legacy), raw
+    scm_timestamping = 37
+    assert kernel_receive_time([(socket.SOL_SOCKET, scm_timestamping, stamp)]) == pytest.approx(
+        1.70000000025e9
+    )
     assert kernel_receive_time([]) is None
-    assert kernel_receive_time([(socket.SOL_SOCKET, 35, stamp[:8])]) is None  # truncated
-    assert kernel_receive_time([(socket.IPPROTO_IP, 35, stamp)]) is None  # another level
+    assert kernel_receive_time([(socket.SOL_SOCKET, scm_timestamping, stamp[:8])]) is None
+    assert kernel_receive_time([(socket.IPPROTO_IP, scm_timestamping, stamp)]) is None
+    assert kernel_receive_time([(socket.SOL_SOCKET, scm_timestamping, bytes(48))]) is None
 
 
 def test_honest_rtt_takes_off_the_wait_or_falls_back_to_the_loop() -> None:
