@@ -52,7 +52,6 @@ def test_kz_networks_are_real_blocks_of_their_asn_renumbered_into_10_8() -> None
     assert all(not a.overlaps(b) for i, a in enumerate(nets) for b in nets[i + 1:])
 
 
-@needs_data
 def test_world_is_the_same_every_time_and_scales() -> None:
     assert build_world() == build_world()
     small = build_world(scale=0.2)
@@ -60,7 +59,6 @@ def test_world_is_the_same_every_time_and_scales() -> None:
     assert stable_sample(range(1000), 10, "x") == stable_sample(reversed(range(1000)), 10, "x")
 
 
-@needs_data
 def test_inputs_give_the_daemon_lab_prefixes_and_asns(tmp_path: Path) -> None:
     world = build_world(scale=0.2)
     paths = write_inputs(world, tmp_path)
