@@ -15,6 +15,7 @@ Nothing here talks to anything but 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import socket
@@ -25,7 +26,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -394,3 +395,44 @@ class MetricsEndpoint:
         if self._loop is not None and self._thread is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=30)
+
+
+@contextlib.contextmanager
+def backfilled_prometheus(directory: Path, openmetrics: str) -> Iterator[str]:
+    """A real Prometheus serving `openmetrics` (samples with timestamps) loaded through
+    `promtool tsdb create-blocks-from openmetrics`; yields its base URL on 127.0.0.1.
+
+    This is how history read back from Prometheus is tested: the data is in the past, exactly
+    as a server that scraped the daemon for weeks would hold it.
+    """
+    if not (shutil.which("prometheus") and shutil.which("promtool")):
+        pytest.skip("LOUD SKIP: prometheus/promtool not installed (scripts/test installs them)")
+    (directory / "data.om").write_text(openmetrics)
+    subprocess.run(["promtool", "tsdb", "create-blocks-from", "openmetrics",
+                    str(directory / "data.om"), str(directory / "tsdb")],
+                   check=True, capture_output=True, timeout=120)
+    (directory / "prometheus.yml").write_text("global:\n  scrape_interval: 1h\n")
+    port = free_port()
+    log_path = directory / "prometheus.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            ["prometheus", f"--config.file={directory / 'prometheus.yml'}",
+             f"--storage.tsdb.path={directory / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}",
+             "--storage.tsdb.retention.time=100y"], stdout=subprocess.DEVNULL, stderr=log)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    with urllib.request.urlopen(f"{url}/-/ready", timeout=1) as response:
+                        if response.status == 200:
+                            break
+                except OSError:
+                    pass
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(log_path.read_text()[-2000:])
+                time.sleep(0.2)
+            yield url
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)

@@ -4,10 +4,6 @@ with a restoration read from a file, the history store and a real Prometheus, an
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
-import time
-import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,6 +17,7 @@ from monitor.cli import cli
 from monitor.history import HistoryStore
 from monitor.report import country_info, format_hours, format_percent, utc_offset
 from monitor.series import frame_to_points, write_long_csv
+from tests.prom import backfilled_prometheus as prometheus_with
 from tests.prom import free_port, needs_prometheus
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -205,37 +202,8 @@ def _openmetrics(frame: pd.DataFrame) -> str:
 
 @pytest.fixture(scope="module")
 def backfilled_prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if shutil.which("promtool") is None:
-        pytest.skip("LOUD SKIP: promtool missing (apt-get install prometheus; CI has it)")
-    tmp = tmp_path_factory.mktemp("prom")
-    (tmp / "data.om").write_text(_openmetrics(kz_frame()))
-    subprocess.run(["promtool", "tsdb", "create-blocks-from", "openmetrics", str(tmp / "data.om"),
-                    str(tmp / "tsdb")], check=True, capture_output=True, timeout=120)
-    (tmp / "prometheus.yml").write_text("global:\n  scrape_interval: 1h\n")
-    port = free_port()
-    log = (tmp / "prometheus.log").open("w")
-    proc = subprocess.Popen(
-        ["prometheus", f"--config.file={tmp / 'prometheus.yml'}",
-         f"--storage.tsdb.path={tmp / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}",
-         "--storage.tsdb.retention.time=100y"], stdout=subprocess.DEVNULL, stderr=log)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/-/ready", timeout=1) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError((tmp / "prometheus.log").read_text()[-2000:])
-            time.sleep(0.2)
+    with prometheus_with(tmp_path_factory.mktemp("prom"), _openmetrics(kz_frame())) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
 
 
 @needs_prometheus

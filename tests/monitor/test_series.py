@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
-import time
-import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -30,6 +25,7 @@ from monitor.series import (
     read_series_file,
     write_long_csv,
 )
+from tests.prom import backfilled_prometheus, free_port
 
 T0 = datetime(2022, 1, 3, tzinfo=UTC)
 
@@ -106,12 +102,6 @@ def test_ioda_export(tmp_path: Path) -> None:
 # A real Prometheus holding backfilled data (promtool tsdb create-blocks-from openmetrics).
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 NETWORKS = {"9198": 300, "29355": 100, "": 20}  # "" = country-level named endpoints
 DAYS = 3
 STEP = 300
@@ -140,36 +130,8 @@ def _openmetrics() -> str:
 
 @pytest.fixture(scope="module")
 def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if not (shutil.which("prometheus") and shutil.which("promtool")):
-        pytest.skip("LOUD SKIP: prometheus/promtool not installed (scripts/test installs them)")
-    tmp = tmp_path_factory.mktemp("prom")
-    (tmp / "data.om").write_text(_openmetrics())
-    subprocess.run(["promtool", "tsdb", "create-blocks-from", "openmetrics", str(tmp / "data.om"),
-                    str(tmp / "tsdb")], check=True, capture_output=True, timeout=120)
-    (tmp / "prometheus.yml").write_text("global:\n  scrape_interval: 1h\n")
-    port = _free_port()
-    proc = subprocess.Popen(
-        ["prometheus", f"--config.file={tmp / 'prometheus.yml'}",
-         f"--storage.tsdb.path={tmp / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}",
-         "--storage.tsdb.retention.time=100y"],
-        stdout=subprocess.DEVNULL, stderr=(tmp / "prometheus.log").open("w"))
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/-/ready", timeout=1) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError((tmp / "prometheus.log").read_text()[-2000:])
-            time.sleep(0.2)
+    with backfilled_prometheus(tmp_path_factory.mktemp("prom"), _openmetrics()) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_prometheus_series_read_back(prometheus: str) -> None:
@@ -194,7 +156,7 @@ def test_prometheus_series_read_back(prometheus: str) -> None:
 
 def test_prometheus_errors_are_input_errors(prometheus: str) -> None:
     with pytest.raises(InputError, match="cannot reach"):
-        read_prometheus(f"http://127.0.0.1:{_free_port()}", since=T0, until=T0 + timedelta(hours=1))
+        read_prometheus(f"http://127.0.0.1:{free_port()}", since=T0, until=T0 + timedelta(hours=1))
     empty = read_prometheus(prometheus, since=T0 - timedelta(days=30),
                             until=T0 - timedelta(days=29), country="KZ")
     assert empty.frame.empty and list(empty.frame.columns) == list(COLUMNS)
