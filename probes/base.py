@@ -131,17 +131,28 @@ class Prober(Protocol):
     async def close(self) -> None: ...
 
 
+def unanswered(
+    target: Target,
+    method: str,
+    failure: Failure,
+    started_at: float,
+    details: dict[str, Any] | None = None,
+) -> ProbeResult:
+    """The result of a probe that got no answer from the target (nothing proves it is up)."""
+    return ProbeResult(target, method, False, False, failure, None, started_at, details or {})
+
+
 def blocked_result(target: Target, method: str, started_at: float) -> ProbeResult:
     """The result for a target the blocklist forbids: nothing was sent."""
-    return ProbeResult(
-        target=target,
-        method=method,
-        reachable=False,
-        success=False,
-        failure=Failure.BLOCKED_BY_POLICY,
-        rtt_s=None,
-        started_at=started_at,
-    )
+    return unanswered(target, method, Failure.BLOCKED_BY_POLICY, started_at)
+
+
+def resolve_failed(
+    target: Target, method: str, started_at: float, exc: BaseException
+) -> ProbeResult:
+    """The result for a target whose host name did not resolve: nothing was sent."""
+    return unanswered(target, method, Failure.RESOLVE_ERROR, started_at,
+                      {"error": str(exc) or type(exc).__name__})
 
 
 def count_failures(results: Iterable[ProbeResult]) -> Mapping[str, int]:

@@ -25,7 +25,15 @@ import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
 
-from probes.base import DnsQuery, Failure, ProbeResult, ProbeSetupError, ResultSink, Target
+from probes.base import (
+    DnsQuery,
+    Failure,
+    ProbeResult,
+    ProbeSetupError,
+    ResultSink,
+    Target,
+    resolve_failed,
+)
 from probes.oserrors import TARGET_ANSWERED, failure_from_oserror, resolve_host
 from probes.pacing import Pacer
 from probes.pool import run_pool
@@ -140,16 +148,7 @@ class DnsProber:
         try:
             server = (await resolve_host(target.address, port, self.timeout_s))[0]
         except (OSError, TimeoutError) as exc:
-            return ProbeResult(
-                target,
-                self.method,
-                False,
-                False,
-                Failure.RESOLVE_ERROR,
-                None,
-                started_at,
-                {"error": str(exc) or type(exc).__name__},
-            )
+            return resolve_failed(target, self.method, started_at, exc)
         request = dns.message.make_query(query.name, query.rdtype)
         details: dict[str, Any] = {"transport": query.transport}
         start = time.perf_counter()

@@ -32,7 +32,16 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
-from probes.base import Failure, ProbeResult, ProbeSetupError, ResultSink, Target, blocked_result
+from probes.base import (
+    Failure,
+    ProbeResult,
+    ProbeSetupError,
+    ResultSink,
+    Target,
+    blocked_result,
+    resolve_failed,
+    unanswered,
+)
 
 if TYPE_CHECKING:
     from probes.pacing import Pacer
@@ -600,10 +609,8 @@ class IcmpProber:
                     stats.send_errors += 1
                     self._deliver_now(
                         call,
-                        ProbeResult(
-                            target, METHOD, False, False, failure_for_send_error(error), None,
-                            started_at, {"errno": errno.errorcode.get(error, str(error))},
-                        ),
+                        unanswered(target, METHOD, failure_for_send_error(error), started_at,
+                                   {"errno": errno.errorcode.get(error, str(error))}),
                     )  # fmt: skip
                     continue
             except BaseException:  # cancelled or failed before the probe was in flight
@@ -641,13 +648,7 @@ class IcmpProber:
         try:
             infos = await loop.getaddrinfo(address, None, type=socket.SOCK_DGRAM)
         except (OSError, UnicodeError) as exc:
-            self._deliver_now(
-                call,
-                ProbeResult(
-                    target, METHOD, False, False, Failure.RESOLVE_ERROR, None, started_at,
-                    {"error": str(exc)},
-                ),
-            )  # fmt: skip
+            self._deliver_now(call, resolve_failed(target, METHOD, started_at, exc))
             return None
         family, _kind, _proto, _name, sockaddr = infos[0]
         resolved = str(sockaddr[0])
@@ -835,10 +836,7 @@ class IcmpProber:
         if reporter is not None:
             details["reported_by"] = reporter
         failure = failure_for_icmp_error(endpoint.v6, parsed.icmp_type, parsed.code)
-        self._finish(
-            entry, ProbeResult(entry.target, METHOD, False, False, failure, None, entry.started_at,
-                               details)
-        )  # fmt: skip
+        self._finish(entry, unanswered(entry.target, METHOD, failure, entry.started_at, details))
 
     def _drain_error_queue(self, endpoint: _Endpoint) -> None:
         """Read ICMP errors a datagram socket queued (IP_RECVERR): the data is our own echo
@@ -928,10 +926,7 @@ class IcmpProber:
                 del pending[entry.key]
             if not entry.answered:
                 stats.timeouts += 1
-                self._finish(
-                    entry,
-                    ProbeResult(entry.target, METHOD, False, False, Failure.TIMEOUT, None,
-                                entry.started_at),
-                )  # fmt: skip
+                self._finish(entry, unanswered(entry.target, METHOD, Failure.TIMEOUT,
+                                               entry.started_at))
         if deadlines:
             self._arm_sweep(loop, deadlines[0].sent_mono + self.timeout_s)

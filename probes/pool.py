@@ -18,6 +18,7 @@ from probes.base import (
     ResultSink,
     Target,
     blocked_result,
+    unanswered,
 )
 from probes.pacing import Pacer
 
@@ -69,13 +70,5 @@ async def run_pool(
 
 def unexpected_result(target: Target, method: str, exc: BaseException) -> ProbeResult:
     """The result for a probe that ended in an exception no mapping foresaw."""
-    return ProbeResult(
-        target=target,
-        method=method,
-        reachable=False,
-        success=False,
-        failure=Failure.OTHER,
-        rtt_s=None,
-        started_at=time.time(),
-        details={"error": f"{type(exc).__name__}: {exc}"},
-    )
+    return unanswered(target, method, Failure.OTHER, time.time(),
+                      {"error": f"{type(exc).__name__}: {exc}"})

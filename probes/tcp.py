@@ -38,6 +38,8 @@ from probes.base import (
     ResultSink,
     Target,
     blocked_result,
+    resolve_failed,
+    unanswered,
 )
 from probes.oserrors import TARGET_ANSWERED, failure_from_oserror, resolve_host
 from probes.pacing import Pacer
@@ -227,11 +229,7 @@ class _ConnectRun:
         try:
             addresses = await resolve_host(probe.address, probe.ports[0], self.timeout_s)
         except (OSError, TimeoutError, UnicodeError) as exc:
-            result = ProbeResult(
-                probe.target, "tcp", False, False, Failure.RESOLVE_ERROR, None, probe.started_at,
-                {"error": str(exc) or type(exc).__name__},
-            )  # fmt: skip
-            self._complete(probe, result)
+            self._complete(probe, resolve_failed(probe.target, "tcp", probe.started_at, exc))
             return
         probe.address = addresses[0]
         if self.pacer is not None and self.pacer.is_blocked(probe.address):
@@ -358,10 +356,8 @@ class _ConnectRun:
                 probe.target, "tcp", True, failure is None, failure, rtt, probe.started_at,
                 details,
             )  # fmt: skip
-        return ProbeResult(
-            probe.target, "tcp", False, False, probe.first_failure or Failure.OTHER, None,
-            probe.started_at, details,
-        )  # fmt: skip
+        return unanswered(probe.target, "tcp", probe.first_failure or Failure.OTHER,
+                          probe.started_at, details)
 
     # -- completion -----------------------------------------------------------------------
 
