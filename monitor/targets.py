@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Final
 from monitor.asn import AsnTable
 from monitor.errors import InputError
 from monitor.series import VANTAGE_COUNTRY
-from probes.base import DnsQuery, Target
+from probes.base import DnsQuery, Target, content_lines
 from probes.pacing import Blocklist
 
 if TYPE_CHECKING:
@@ -45,10 +45,7 @@ def packaged_data(name: str) -> Path:
 def parse_prefix_lines(lines: Iterable[str], source: str) -> list[ipaddress.IPv4Network]:
     """One IPv4 CIDR per line, `#` comments. Raises InputError naming file:line."""
     networks = []
-    for lineno, raw in enumerate(lines, start=1):
-        text = raw.split("#", 1)[0].strip()
-        if not text:
-            continue
+    for lineno, text in content_lines(lines):
         try:
             networks.append(ipaddress.IPv4Network(text, strict=False))
         except ValueError as exc:

@@ -8,7 +8,7 @@ errors of the caller (bad arguments, no permission to open an ICMP socket).
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -162,3 +162,12 @@ def count_failures(results: Iterable[ProbeResult]) -> Mapping[str, int]:
         if result.failure is not None:
             counts[str(result.failure)] = counts.get(str(result.failure), 0) + 1
     return counts
+
+
+def content_lines(lines: Iterable[str]) -> Iterator[tuple[int, str]]:
+    """(line number from 1, text) of every line that is not blank once `#` comments are cut:
+    the format of target, prefix and blocklist files."""
+    for lineno, raw in enumerate(lines, start=1):
+        text = raw.split("#", 1)[0].strip()
+        if text:
+            yield lineno, text

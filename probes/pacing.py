@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from probes.base import content_lines
+
 # A /24 for IPv4 and a /48 for IPv6 are the "blocks" politeness is counted on.
 _V4_BLOCK_SHIFT = 8
 _V6_BLOCK_SHIFT = 80
@@ -67,10 +69,7 @@ class Blocklist:
     def from_file(cls, path: str | Path) -> Blocklist:
         """One CIDR per line; `#` starts a comment. Raises ValueError naming file:line."""
         networks = []
-        for lineno, raw in enumerate(Path(path).read_text().splitlines(), start=1):
-            text = raw.split("#", 1)[0].strip()
-            if not text:
-                continue
+        for lineno, text in content_lines(Path(path).read_text().splitlines()):
             try:
                 networks.append(ipaddress.ip_network(text, strict=False))
             except ValueError as exc:

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import click
 
 from probes import PROBERS
-from probes.base import DnsQuery, ProbeResult, ProbeSetupError, Target
+from probes.base import DnsQuery, ProbeResult, ProbeSetupError, Target, content_lines
 from probes.dns import check_query
 from probes.pacing import Blocklist, Pacer, PacingPolicy
 
@@ -111,10 +111,7 @@ def read_targets_file(path: Path, syntax: TargetSyntax) -> list[Target]:
     except (OSError, UnicodeDecodeError) as exc:
         raise click.UsageError(f"--targets-file {path}: cannot read it: {exc}") from None
     targets = []
-    for lineno, raw in enumerate(lines, start=1):
-        text = raw.split("#", 1)[0].strip()
-        if not text:
-            continue
+    for lineno, text in content_lines(lines):
         try:
             targets.append(syntax.parse(text))
         except ValueError as exc:
