@@ -153,14 +153,22 @@ def level_chart(path: Path, level: pd.Series, spans: Sequence[Span], *, title: s
     ax.set_ylim(0, top)
     ax.yaxis.set_major_formatter(FuncFormatter(_percent))
     ax.set_ylabel("% of ordinary level")
+    _frame(ax, spans, kinds, start=start, end=end, time_label=time_label, title=title,
+           title_size=12, legend_y=-0.2, legend_columns=4)
+    return _save(fig, path)
+
+
+def _frame(ax: Axes, spans: Sequence[Span], kinds: set[str], *, start: datetime, end: datetime,
+           time_label: str, title: str, title_size: int, legend_y: float,
+           legend_columns: int) -> None:
+    """What every full-width chart has: UTC time axis, title, grid, legend below the plot."""
     _time_axis(ax, start, end, time_label)
-    ax.set_title(title, loc="left", fontsize=12, fontweight="bold")
+    ax.set_title(title, loc="left", fontsize=title_size, fontweight="bold")
     ax.grid(True, axis="y", color="#dddddd", lw=0.6)
     handles, _ = ax.get_legend_handles_labels()
     handles += _legend_patches(kinds, any(s.restorations for s in spans))
-    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=4,
-              fontsize=8, frameon=False)
-    return _save(fig, path)
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, legend_y),
+              ncol=legend_columns, fontsize=8, frameon=False)
 
 
 def signal_chart(path: Path, value: pd.Series, baseline: pd.Series, spans: Sequence[Span], *,
@@ -183,13 +191,8 @@ def signal_chart(path: Path, value: pd.Series, baseline: pd.Series, spans: Seque
     if as_percent:
         ax.yaxis.set_major_formatter(FuncFormatter(_percent))
     ax.set_ylabel(ylabel)
-    _time_axis(ax, start, end, time_label)
-    ax.set_title(title, loc="left", fontsize=11, fontweight="bold")
-    ax.grid(True, axis="y", color="#dddddd", lw=0.6)
-    handles, _ = ax.get_legend_handles_labels()
-    handles += _legend_patches(kinds, any(s.restorations for s in spans))
-    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.24), ncol=5,
-              fontsize=8, frameon=False)
+    _frame(ax, spans, kinds, start=start, end=end, time_label=time_label, title=title,
+           title_size=11, legend_y=-0.24, legend_columns=5)
     return _save(fig, path)
 
 
