@@ -38,6 +38,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from procstat import cpu_seconds, reset_peak_rss, vm_kib  # noqa: E402
+
 from probes.base import ProbeResult, Target  # noqa: E402
 from probes.http import HttpProber  # noqa: E402
 from probes.icmp import IcmpProber  # noqa: E402
@@ -102,21 +104,8 @@ def sweep_addresses(count: int) -> Iterator[str]:
 # -- process accounting ---------------------------------------------------------------------
 
 
-def reset_peak_rss(pid: int | str = "self") -> None:
-    """Writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS."""
-    Path(f"/proc/{pid}/clear_refs").write_text("5")
-
-
 def peak_rss_mb(pid: int | str = "self") -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return vm_kib("VmHWM", pid) / 1024
 
 
 # -- our engine -----------------------------------------------------------------------------

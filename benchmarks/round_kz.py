@@ -32,6 +32,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from procstat import reset_peak_rss, vm_mib
+
 from monitor.hitlist import Hitlist
 from monitor.rounds import RoundSettings, run_round
 from monitor.targets import (
@@ -47,14 +49,6 @@ from probes.pacing import Blocklist, Pacer, PacingPolicy
 from tests.netns import Netns, run_in_netns
 
 LAB_BASE = 0x0A0000  # block number of 10.0.0.0/24
-
-
-def vm_mib(field: str) -> float:
-    """A VmXXX line of /proc/self/status (VmRSS, VmHWM), in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return round(int(line.split()[1]) / 1024, 1)
-    raise KeyError(field)
 
 
 def lab_universe(lost_every: int) -> tuple[Universe, Hitlist, list[str]]:
@@ -120,7 +114,7 @@ def main() -> None:
     rss_start = vm_mib("VmRSS")
     universe, hitlist, dropped = lab_universe(args.lost)
     rss_setup, peak_setup = vm_mib("VmRSS"), vm_mib("VmHWM")
-    Path("/proc/self/clear_refs").write_text("5")  # the peak from here on is the rounds'
+    reset_peak_rss()  # the peak from here on is the rounds'
     with Netns("smbench") as ns:
         ns.exec("ip", "route", "add", "local", "10.0.0.0/10", "dev", "lo")
         if dropped or args.loss_pct:

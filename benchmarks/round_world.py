@@ -50,6 +50,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+
+from procstat import reset_peak_rss, vm_kib
+
 from monitor.asn import AsnRange, AsnTable
 from monitor.history import HistoryStore
 from monitor.hitlist import Hitlist
@@ -85,14 +88,6 @@ def lab_block(index: int) -> int:
     if index >= CLASS_E[1]:
         raise ValueError("the lab space holds 1,114,112 /24 blocks")
     return CLASS_E[0] + index
-
-
-def vm_kib(field: str) -> int:
-    """A VmXXX line of /proc/self/status, in KiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
 
 
 def nearest_countries(count: int) -> list[tuple[str, int]]:
@@ -232,7 +227,7 @@ def main() -> None:
              "peak_rss_setup_mib": round(vm_kib("VmHWM") / 1024, 1)}
     # Reset the peak so that the rounds' peak is not the setup's (reading every country's
     # packaged list to find the nearest ones is a benchmark cost, not a daemon's).
-    Path("/proc/self/clear_refs").write_text("5")
+    reset_peak_rss()
     print(json.dumps(setup), flush=True)
     with Netns("smworld") as ns:
         ns.exec("ip", "route", "add", "local", "10.0.0.0/8", "dev", "lo")

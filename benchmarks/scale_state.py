@@ -21,6 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from procstat import vm_kib
+
 from monitor.hitlist import Hitlist
 from monitor.targets import (
     CountryUniverse,
@@ -33,10 +35,7 @@ from monitor.targets import (
 
 
 def rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    return vm_kib("VmRSS") * 1024
 
 
 def main() -> None:
