@@ -242,7 +242,9 @@ def test_icmp_to_loopback() -> None:
         (["--method", "icmp", "127.0.0.1:80"], "without a port"),
         (["--method", "http", "--contact-url", CONTACT, "127.0.0.1"], "http:// or https://"),
         (["--method", "http", "http://127.0.0.1/"], "--contact-url"),
-        (["--method", "http", "--contact-url", "me@example.org", "http://127.0.0.1/"], "http"),
+        # A contact string that is not a URL is refused before anything is sent.
+        (["--method", "http", "--contact-url", "me@example.org",  # noqa: network
+          "http://127.0.0.1/"], "http"),
         (["--method", "dns", "127.0.0.1"], "--name"),
         (["--method", "dns", "--name", "a.test", "--type", "BOGUS", "127.0.0.1"], "record type"),
         (["--method", "dns", "--name", "a.test", "--port", "53", "127.0.0.1"], "--port applies"),

@@ -177,7 +177,7 @@ async def test_user_agent_carries_the_contact_url() -> None:
     ("kwargs", "message"),
     [
         ({}, "contact_url"),
-        ({"contact_url": "mailto:me@example.org"}, "http"),
+        ({"contact_url": "mailto:me@example.org"}, "http"),  # noqa: network (refused, unsent)
         ({"user_agent": "bot/1.0"}, "contact URL"),
         ({"contact_url": CONTACT, "timeout_s": -1}, "positive"),
     ],
