@@ -88,9 +88,13 @@ class Blocklist:
         if key is None:
             return False
         family, value = key
+        return self.covers(family, value, value)
+
+    def covers(self, family: int, first: int, last: int) -> bool:
+        """Whether every address from `first` to `last` (integers, IPv4 or IPv6) is blocked."""
         starts, ends = self._ranges[family]
-        i = bisect.bisect_right(starts, value) - 1
-        return i >= 0 and value <= ends[i]
+        i = bisect.bisect_right(starts, first) - 1
+        return i >= 0 and last <= ends[i]
 
 
 @dataclass(frozen=True, slots=True)
