@@ -130,10 +130,7 @@ class DnsProber:
     async def probe_many(
         self, targets: Iterable[Target], pacer: Pacer, on_result: ResultSink
     ) -> None:
-        async def probe(target: Target) -> ProbeResult:
-            return await self.probe_one(target, pacer)
-
-        await run_pool(targets, pacer, on_result, probe, self.method)
+        await run_pool(targets, pacer, on_result, lambda t: self.probe_one(t, pacer), self.method)
 
     async def close(self) -> None:
         return None
