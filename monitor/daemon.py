@@ -427,12 +427,15 @@ class Daemon:
 
     def _save_state(self) -> None:
         assert self._store is not None
-        self._store.set_state(STATE_LIFECYCLE, json.dumps(self.lifecycle.to_json()))
-        self._store.set_state(STATE_VANTAGE, json.dumps(self.vantage.to_json()))
-        if self.last.time is not None:
-            self._store.set_state(STATE_LAST_ROUND, format_time(self.last.time))
         pending = self._webhook.pending() if self._webhook is not None else []
-        self._store.set_state(STATE_WEBHOOK_PENDING, json.dumps(pending))
+        state = {
+            STATE_LIFECYCLE: json.dumps(self.lifecycle.to_json()),
+            STATE_VANTAGE: json.dumps(self.vantage.to_json()),
+            STATE_WEBHOOK_PENDING: json.dumps(pending),
+        }
+        if self.last.time is not None:
+            state[STATE_LAST_ROUND] = format_time(self.last.time)
+        self._store.set_states(state)
 
     def _housekeeping(self, now: datetime) -> None:
         if self._store is None:

@@ -26,7 +26,7 @@ import sqlite3
 import struct
 import threading
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -445,8 +445,12 @@ class HistoryStore:
         return None if row is None else str(row[0])
 
     def set_state(self, key: str, value: str) -> None:
+        self.set_states({key: value})
+
+    def set_states(self, values: Mapping[str, str]) -> None:
+        """Write several keys in one transaction (one commit, not one per key)."""
         with self._transaction("write state", write=True) as conn:
-            conn.execute("INSERT OR REPLACE INTO state VALUES (?, ?)", (key, value))
+            conn.executemany("INSERT OR REPLACE INTO state VALUES (?, ?)", values.items())
 
     # ----- housekeeping --------------------------------------------------------------------
     def prune(self, now: datetime) -> int:
