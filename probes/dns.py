@@ -32,6 +32,7 @@ from probes.base import (
     ProbeSetupError,
     ResultSink,
     Target,
+    blocked_result,
     resolve_failed,
 )
 from probes.oserrors import TARGET_ANSWERED, failure_from_oserror, resolve_host
@@ -146,6 +147,8 @@ class DnsProber:
             server = (await resolve_host(target.address, port, self.timeout_s))[0]
         except (OSError, TimeoutError) as exc:
             return resolve_failed(target, self.method, started_at, exc)
+        if server != target.address and pacer is not None and pacer.is_blocked(server):
+            return blocked_result(target, self.method, started_at)  # a name for a blocked address
         request = dns.message.make_query(query.name, query.rdtype)
         details: dict[str, Any] = {"transport": query.transport}
         start = time.perf_counter()

@@ -133,6 +133,17 @@ async def test_blocklisted_server_is_not_asked() -> None:
     assert result.failure is Failure.BLOCKED_BY_POLICY
 
 
+async def test_a_server_named_by_a_host_name_that_resolves_into_the_blocklist_is_not_asked(
+) -> None:
+    async with DnsResponder(ZONE) as server:
+        loopback = Blocklist.from_cidrs(["127.0.0.1/32", "::1/128"])  # whichever it resolves to
+        pacer = Pacer(PacingPolicy(rate_pps=None), loopback)
+        query = DnsQuery("ok.test")
+        [result] = await _probe([Target("localhost", server.port, query=query)], pacer=pacer)
+        assert server.queries == 0
+    assert result.failure is Failure.BLOCKED_BY_POLICY
+
+
 @pytest.mark.parametrize(
     ("query", "message"),
     [
