@@ -381,13 +381,18 @@ def machine() -> str:
     )
 
 
-def report(rows: list[Measurement], capped: Measurement, memory: dict[str, Any], flags: str) -> str:
+def report(
+    rows: list[Measurement],
+    capped: Measurement | None,
+    memory: dict[str, Any] | None,
+    flags: str,
+) -> str:
     lines = [
         "| method | engine | concurrency | probes | probes/s | CPU s / 1000 probes "
         "| peak RSS MB | false loss | note |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for m in [*rows, capped]:
+    for m in [*rows, *([capped] if capped else [])]:
         lines.append(
             f"| {m.method} | {m.engine} | {m.concurrency} | {m.probes} | {m.rate:,.0f} "
             f"| {m.cpu_per_1000:.4f} | {m.peak_rss_mb:.1f} | {m.false_loss} | {m.note} |"
@@ -396,6 +401,8 @@ def report(rows: list[Measurement], capped: Measurement, memory: dict[str, Any],
               "| blackbox / ours CPU per probe |", "|---|---|---|---|---|"]  # fmt: skip
     by = {(m.method, m.engine): m for m in rows}
     for method, goal in GOALS.items():
+        if (method, "blackbox") not in by:
+            continue  # not measured in this run (--methods)
         theirs = by[(method, "blackbox")]
         for ours in (m for m in rows if m.method == method and m.engine != "blackbox"):
             ratio = ours.rate / theirs.rate
@@ -403,19 +410,24 @@ def report(rows: list[Measurement], capped: Measurement, memory: dict[str, Any],
             cpu_ratio = theirs.cpu_per_1000 / ours.cpu_per_1000
             lines.append(f"| {method} | {ours.engine} | {ratio:.1f}x | >= {goal:.0f}x ({verdict}) "
                          f"| {cpu_ratio:.1f}x |")  # fmt: skip
-    icmp = by[("icmp", "ours")]
-    lines += [
-        "",
-        f"- ICMP, ours: {icmp.rate:,.0f} probes/s (goal >= 50,000: "
-        f"{'met' if icmp.rate >= 50000 else 'NOT met'}).",
-        f"- ICMP at a {capped.note}: achieved {capped.rate:,.0f} probes/s, false loss "
-        f"{capped.false_loss} of {capped.probes} (goal 0: "
-        f"{'met' if capped.false_loss == 0 else 'NOT met'}).",
-        f"- {memory['count']:,} targets held in a list and all probed (ICMP): peak RSS "
-        f"{memory['peak_mb']:.0f} MB (the list alone: {memory['held_mb']:.0f} MB), "
-        f"{memory['count'] / memory['seconds']:,.0f} probes/s, {memory['down']} down "
-        f"(goal < 300 MB: {'met' if memory['peak_mb'] < 300 else 'NOT met'}).",
-    ]
+    lines.append("")
+    if ("icmp", "ours") in by:
+        icmp = by[("icmp", "ours")]
+        lines.append(f"- ICMP, ours: {icmp.rate:,.0f} probes/s (goal >= 50,000: "
+                     f"{'met' if icmp.rate >= 50000 else 'NOT met'}).")  # fmt: skip
+    if capped:
+        lines.append(
+            f"- ICMP at a {capped.note}: achieved {capped.rate:,.0f} probes/s, false loss "
+            f"{capped.false_loss} of {capped.probes} (goal 0: "
+            f"{'met' if capped.false_loss == 0 else 'NOT met'})."
+        )
+    if memory:
+        lines.append(
+            f"- {memory['count']:,} targets held in a list and all probed (ICMP): peak RSS "
+            f"{memory['peak_mb']:.0f} MB (the list alone: {memory['held_mb']:.0f} MB), "
+            f"{memory['count'] / memory['seconds']:,.0f} probes/s, {memory['down']} down "
+            f"(goal < 300 MB: {'met' if memory['peak_mb'] < 300 else 'NOT met'})."
+        )
     head = (
         f"Command: `python3 benchmarks/probe_engine.py{flags}`"
         + f", {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC.\n\n"
@@ -436,6 +448,12 @@ def main() -> None:
         default=os.cpu_count() or 2,
         help="processes of the worker-pool variant of ours (0: skip it)",
     )
+    parser.add_argument(
+        "--methods",
+        default="icmp,tcp,http",
+        help="comma-separated methods to compare; the rate-capped ICMP run and the "
+        "1,000,000-target memory run are made only when all three are measured",
+    )
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -447,6 +465,11 @@ def main() -> None:
         if shutil.which(tool) is None:
             sys.exit(f"probe_engine.py: {tool} not found (apt-get install "
                      "prometheus-blackbox-exporter gcc)")  # fmt: skip
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods or set(methods) - set(GOALS):
+        sys.exit(f"probe_engine.py: --methods: expected a comma-separated subset of "
+                 f"{','.join(GOALS)}, got {args.methods!r}")  # fmt: skip
+    everything = set(methods) == set(GOALS)
     scale = 0.1 if args.quick else 1.0
     counts = {
         "ours": {"icmp": 300_000, "tcp": 40_000, "http": 15_000},
@@ -470,7 +493,7 @@ def main() -> None:
             wait_for_port(ns, BLACKBOX_PORT)
             blackbox_pid = servers[1].pid
             rows: list[Measurement] = []
-            for method in ("icmp", "tcp", "http"):
+            for method in methods:
                 n_ours = int(counts["ours"][method] * scale)
                 n_theirs = int(counts["blackbox"][method] * scale)
                 variants = [0, args.workers] if args.workers else [0]
@@ -498,12 +521,16 @@ def main() -> None:
                     )
                 rows.extend(max(runs, key=lambda m: m.rate) for runs in ours_runs.values())
                 rows.append(max(their_runs, key=lambda m: m.rate))
-            print("icmp at 20,000/s", file=sys.stderr)
-            capped = measure_ours(ns, "icmp", int(200_000 * scale), 65536, rate_pps=20_000)
-            print(f"{1_000_000 if not args.quick else 100_000} queued targets", file=sys.stderr)
-            child = ns.exec(sys.executable, str(Path(__file__).resolve()), "--memory-child",
-                            str(100_000 if args.quick else 1_000_000))  # fmt: skip
-            memory = json.loads(child.stdout)
+            capped: Measurement | None = None
+            memory: dict[str, Any] | None = None
+            if everything:
+                print("icmp at 20,000/s", file=sys.stderr)
+                capped = measure_ours(ns, "icmp", int(200_000 * scale), 65536, rate_pps=20_000)
+                print(f"{1_000_000 if not args.quick else 100_000} queued targets",
+                      file=sys.stderr)  # fmt: skip
+                child = ns.exec(sys.executable, str(Path(__file__).resolve()), "--memory-child",
+                                str(100_000 if args.quick else 1_000_000))  # fmt: skip
+                memory = json.loads(child.stdout)
         finally:
             for server in servers:
                 server.kill()
@@ -512,6 +539,8 @@ def main() -> None:
                                                    else "")  # fmt: skip
     if args.workers != (os.cpu_count() or 2):
         flags += f" --workers {args.workers}"
+    if not everything:
+        flags += f" --methods {','.join(methods)}"
     text = report(rows, capped, memory, flags)
     print(text)
     if args.output:
