@@ -195,6 +195,16 @@ def test_icmp_pool_in_a_namespace_with_forged_replies_counted() -> None:
         "10.9.1": {(False, Failure.TIMEOUT)},
         "10.8.0": {(False, Failure.HOST_UNREACHABLE)},
     }
+    # Answers and timeouts come back as packed records, send errors (more details) as rows.
+    answered = [r for r in results if r.success]
+    assert all(r.reachable and r.rtt_s is not None and 0 < r.rtt_s < 0.6 for r in answered)
+    assert {r.details["rtt_source"] for r in answered} <= {"kernel", "loop"}
+    assert all(len(r.details) == 1 for r in answered)
+    timed_out = [r for r in results if r.failure is Failure.TIMEOUT]
+    assert all(r.rtt_s is None and r.details == {} and not r.reachable for r in timed_out)
+    unreachable = [r for r in results if r.failure is Failure.HOST_UNREACHABLE]
+    assert [r.details for r in unreachable] == [{"errno": "EHOSTUNREACH"}] * 10
+    assert all(abs(r.started_at - time.time()) < 60 for r in results)
     assert stats["sent"] == 250 and stats["echo_replies"] == 200
     assert stats["unmatched"] == 6  # three forged replies per worker, each counted once
 
