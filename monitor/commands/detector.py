@@ -13,6 +13,7 @@ import click
 
 from monitor.config import Config, load_config
 from monitor.errors import ConfigError
+from probes import eventloop
 
 
 def _url(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
@@ -84,6 +85,6 @@ def detector_command(prometheus_url: str, config_path: Path | None, listen: str,
         return await central.run()
 
     try:
-        raise SystemExit(asyncio.run(serve()))
+        raise SystemExit(eventloop.run(serve()))
     except OSError as exc:
         raise click.ClickException(f"cannot start: {exc}") from None

@@ -7,7 +7,6 @@ use (0 every target succeeded, 1 some did not, 2 bad usage).
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import json
 import time
@@ -19,7 +18,7 @@ from urllib.parse import urlsplit
 
 import click
 
-from probes import PROBERS
+from probes import PROBERS, eventloop
 from probes.base import DnsQuery, ProbeResult, ProbeSetupError, Target, content_lines
 from probes.dns import check_query
 from probes.pacing import Blocklist, Pacer, PacingPolicy
@@ -370,7 +369,7 @@ def probe_command(
         show(result)
 
     try:
-        asyncio.run(_probe_all(method, options, targets, Pacer(policy, blocked), sink))
+        eventloop.run(_probe_all(method, options, targets, Pacer(policy, blocked), sink))
     except ProbeSetupError as exc:
         raise click.UsageError(f"--method {method}: {exc}") from None
     if summary:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from datetime import datetime
 from pathlib import Path
@@ -12,6 +11,7 @@ import click
 from monitor.clock import Clock, RealClock, VirtualClock, parse_utc
 from monitor.config import load_config, parse_shard
 from monitor.errors import ConfigError, MonitorError
+from probes import eventloop
 from probes.base import ProbeSetupError
 
 
@@ -79,7 +79,7 @@ def run_command(
     daemon = Daemon(config, clock, config_path=config_path, listen=listen, shard=shard,
                     max_rounds=rounds)
     try:
-        status = asyncio.run(daemon.run())
+        status = eventloop.run(daemon.run())
     except (MonitorError, ProbeSetupError) as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:

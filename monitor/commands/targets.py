@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from monitor.config import Config, load_config, parse_shard
 from monitor.errors import ConfigError, InputError
 from monitor.hitlist import Hitlist, HitlistAppender, discover, discovery_done
 from monitor.targets import CountryUniverse, address_of, block_network, load_universe
+from probes import eventloop
 
 CONFIG_OPTION = click.option(
     "--config", "config_path", default="config.yaml", show_default=True,
@@ -127,7 +127,9 @@ def discover_command(
         f"(budget {budget} addresses per block), writing {path}", err=True,
     )
     try:
-        found = asyncio.run(_discover(config, universe, hitlist, path, budget, want, len(pending)))
+        found = eventloop.run(
+            _discover(config, universe, hitlist, path, budget, want, len(pending))
+        )
     except KeyboardInterrupt:
         raise click.ClickException(
             f"interrupted: finished blocks are in {path}; run again to resume"

@@ -45,6 +45,7 @@ from monitor.lab.world import (
     write_inputs,
 )
 from monitor.series import VANTAGE_COUNTRY
+from probes import eventloop
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +234,7 @@ class DaemonThread:
     def _main(self) -> None:
         try:
             join_netns(self.namespace)
-            asyncio.run(self._run())
+            eventloop.run(self._run())
         except BaseException as exc:  # handed to the caller's thread
             self.error = exc
 
