@@ -28,26 +28,29 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from procstat import cpu_seconds, reset_peak_rss, vm_kib  # noqa: E402
 
+from probes import eventloop  # noqa: E402
 from probes.base import ProbeResult, Target  # noqa: E402
 from probes.http import HttpProber  # noqa: E402
 from probes.icmp import IcmpProber  # noqa: E402
 from probes.pacing import Pacer, PacingPolicy  # noqa: E402
 from probes.tcp import TcpProber  # noqa: E402
 from probes.workers import WorkerPoolProber, worker_pool  # noqa: E402
-from tests.netns import Netns, run_in_netns  # noqa: E402
+from tests.netns import Netns, _setns, run_in_netns  # noqa: E402
 
+T = TypeVar("T")
 BLACKBOX = "/usr/bin/prometheus-blackbox-exporter"
 BLACKBOX_PORT = 9115
 RESPONDER_SOURCE = Path(__file__).resolve().parent / "probe_engine" / "responder.c"
@@ -130,6 +133,32 @@ def engine_name(workers: int) -> str:
     return f"ours, {workers} workers" if workers else "ours"
 
 
+def run_ours_in_netns(ns: Netns, factory: Callable[[], Awaitable[T]], timeout: float) -> T:
+    """Our engine on the loop the CLI and daemon ship with (probes.eventloop: uvloop when
+    installed), in a thread inside `ns`. blackbox's driver keeps tests.netns.run_in_netns."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            _setns(ns.path)
+
+            async def main() -> T:
+                return await factory()
+
+            box["value"] = eventloop.run(main())
+        except BaseException as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name=f"ours-{ns.name}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise TimeoutError(f"our engine in namespace {ns.name} did not finish in {timeout} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]  # type: ignore[no-any-return]
+
+
 def measure_ours(
     ns: Netns,
     method: str,
@@ -174,7 +203,7 @@ def measure_ours(
             method, engine_name(workers), concurrency, count, seconds, cpu, rss, down, note
         )
 
-    return run_in_netns(ns, run, timeout=600)
+    return run_ours_in_netns(ns, run, timeout=600)
 
 
 def best_concurrency_ours(
@@ -364,7 +393,7 @@ def memory_child(count: int) -> None:
         return {"count": count, "seconds": seconds, "down": down, "held_mb": held_mb,
                 "peak_mb": peak}  # fmt: skip
 
-    print(json.dumps(asyncio.run(run())))
+    print(json.dumps(eventloop.run(run())))
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -375,7 +404,8 @@ def machine() -> str:
     nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
     load = Path("/proc/loadavg").read_text().split()[:3]
     return (
-        f"nproc = {nproc}, load average {' '.join(load)} at the end\n\n```\n"
+        f"nproc = {nproc}, our event loop: {eventloop.loop_name()}, "
+        f"load average {' '.join(load)} at the end\n\n```\n"
         + "\n".join(lscpu)
         + "\n```"
     )
