@@ -265,13 +265,18 @@ class HttpProber:
                     return ProbeResult(target, self.method, True, False, Failure.HTTP_STATUS,
                                        rtt, started_at, details)  # fmt: skip
                 too_large = await self._read_capped(message, body, details)
+                if too_large:
+                    transport.abort()  # the rest of the body is not wanted: no TLS goodbye
                 details["total_s"] = round(time.perf_counter() - start, 6)
                 failure = Failure.TOO_LARGE if too_large else None
                 return ProbeResult(
                     target, self.method, True, not too_large, failure, rtt, started_at, details
                 )
+            except BaseException:
+                transport.abort()  # failed, timed out or cancelled: do not wait for a goodbye
+                raise
             finally:
-                transport.close()
+                transport.close()  # a no-op after abort()
         raise AssertionError("unreachable: the last hop never follows a redirect")
 
     async def _connect(

@@ -180,6 +180,8 @@ async def test_user_agent_carries_the_contact_url() -> None:
         ({"contact_url": "mailto:me@example.org"}, "http"),  # noqa: network (refused, unsent)
         ({"user_agent": "bot/1.0"}, "contact URL"),
         ({"contact_url": CONTACT, "timeout_s": -1}, "positive"),
+        ({"user_agent": "bot (+https://a.example/)\r\nX-Forged: 1"}, "control characters"),
+        ({"contact_url": CONTACT, "max_connections": 0}, "max_connections"),
     ],
 )
 def test_bad_options_are_setup_errors(kwargs: dict[str, object], message: str) -> None:
@@ -309,3 +311,51 @@ def test_silent_server_in_a_namespace_is_timeout_and_unreachable() -> None:
 
         result = run_in_netns(ns, scenario)
     assert result.failure is Failure.TIMEOUT and not result.reachable and result.rtt_s is None
+
+
+
+async def test_request_head_and_a_fresh_connection_per_probe() -> None:
+    seen: list[tuple[str, str, dict[str, str], int]] = []
+    routes = web.RouteTableDef()
+
+    @routes.get("/head")
+    async def head(request: web.Request) -> web.Response:
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        peer_port = peer[1] if peer else -1
+        seen.append((request.method, request.path_qs, dict(request.headers), peer_port))
+        return web.Response(text="seen")
+
+    async with http_app(routes) as port:
+        prober = HttpProber(contact_url=CONTACT)
+        results = await _probe(prober, [f"http://127.0.0.1:{port}/head?i={i}" for i in range(3)])
+    assert all(r.success and r.details["body_bytes"] == 4 for r in results)
+    assert sorted(path for _m, path, _h, _p in seen) == [f"/head?i={i}" for i in range(3)]
+    assert len({peer_port for *_rest, peer_port in seen}) == 3  # never a reused connection
+    method, _path, headers, _port = seen[0]
+    assert method == "GET"
+    assert headers["Host"] == f"127.0.0.1:{port}"
+    assert headers["User-Agent"] == default_user_agent(CONTACT)
+    assert headers["Connection"] == "close" and headers["Accept"] == "*/*"
+
+
+async def test_ipv6_literal_target_without_url() -> None:
+    async with http_app(_routes(), host="::1") as port:
+        prober = HttpProber(contact_url=CONTACT)
+        results: list[ProbeResult] = []
+        pacer = Pacer(PacingPolicy(rate_pps=None, per_block_pps=None))
+        await prober.probe_many([Target("::1", port)], pacer, results.append)
+        await prober.close()
+    [result] = results
+    assert result.details["url"] == f"http://[::1]:{port}/"
+    assert result.failure is Failure.HTTP_STATUS and result.details["status"] == 404
+
+
+async def test_host_name_is_resolved_each_probe_and_checked_against_the_blocklist() -> None:
+    async with http_app(_routes()) as port:
+        url = f"http://localhost:{port}/ok"
+        [allowed] = await _probe(HttpProber(contact_url=CONTACT), [url])
+        blocklist = Blocklist.from_cidrs(["127.0.0.0/8", "::1/128"])
+        pacer = Pacer(PacingPolicy(rate_pps=None, per_block_pps=None), blocklist)
+        [blocked] = await _probe(HttpProber(contact_url=CONTACT), [url], pacer)
+    assert allowed.success and allowed.details["dns_s"] >= 0
+    assert blocked.failure is Failure.BLOCKED_BY_POLICY and not blocked.reachable
