@@ -505,7 +505,7 @@ def main() -> None:
         "ours": {"icmp": 300_000, "tcp": 40_000, "http": 15_000},
         "blackbox": {"icmp": 20_000, "tcp": 20_000, "http": 10_000},
     }
-    ours_levels = {"icmp": [4096, 65536], "tcp": [256, 1024], "http": [64, 256]}
+    ours_levels = {"icmp": [4096, 65536], "tcp": [256, 1024], "http": [64, 256, 1024]}
     blackbox_levels = [8, 32, 128, 512, 2048]
     with tempfile.TemporaryDirectory() as tmp, Netns("bench") as ns:
         prepare(ns)
