@@ -254,11 +254,25 @@ async def test_refused_and_unresolvable() -> None:
     assert unresolved.failure is Failure.RESOLVE_ERROR and not unresolved.reachable
 
 
-async def test_many_targets_share_one_session() -> None:
-    async with http_app(_routes()) as port:
+async def test_max_connections_caps_the_connections_of_one_prober() -> None:
+    active, peak = 0, 0
+    routes = web.RouteTableDef()
+
+    @routes.get("/hold")
+    async def hold(request: web.Request) -> web.Response:
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        await asyncio.sleep(0.02)
+        active -= 1
+        return web.Response(text="held")
+
+    async with http_app(routes) as port:
         prober = HttpProber(contact_url=CONTACT, max_connections=4)
-        results = await _probe(prober, [f"http://127.0.0.1:{port}/ok?i={i}" for i in range(40)])
+        urls = [f"http://127.0.0.1:{port}/hold?i={i}" for i in range(40)]
+        results = await _probe(prober, urls)  # the pacer lets 512 in flight
     assert len(results) == 40 and all(r.success for r in results)
+    assert peak == 4
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
