@@ -31,7 +31,7 @@ import math
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import numpy as np
@@ -444,8 +444,13 @@ class _IncidentBuilder:
         self.done: list[Incident] = []
 
     def feed(self, when: datetime, status: int, level: float, bin_hours: float,
-             signals: Iterable[str], networks: dict[str, float]) -> Incident | None:
-        """Returns the incident this bin changed, if any."""
+             signals: Iterable[str], networks: dict[str, float], *, span: int = 1,
+             onset: datetime | None = None) -> Incident | None:
+        """Returns the incident this bin changed, if any.
+
+        span > 1: this bin's evidence also proves the span-1 bins before it (they count
+        towards `min_bins` and the run starts at the first). onset: where the level first fell
+        in this run; a new incident starts there, but those bins do not count as proof."""
         if status <= 0:
             run, self.run = self.run, None
             if run is not None and self.attached and self.current is not None:
@@ -455,9 +460,18 @@ class _IncidentBuilder:
             self.attached = False
             return None
         run = self.run
+        back = when - timedelta(hours=bin_hours * (span - 1))
         if run is None:
-            run = self.run = _Run(start=when)
+            run = self.run = _Run(start=back, bins=span - 1)
             self.attached = False
+            # the earlier bins of a jointly proven window: scored at this bin's level
+            run.score += max(0.0, 1.0 - level) * bin_hours * (span - 1) \
+                if math.isfinite(level) else 0.0
+        elif not self.attached and back < run.start:
+            run.bins += round((run.start - back).total_seconds() / 3600 / bin_hours)
+            run.start = back
+        if onset is not None and not self.attached and onset < run.start:
+            run.start = onset
         run.bins += 1
         run.critical += status >= 2
         run.min_level = min(run.min_level, level) if math.isfinite(level) else run.min_level
@@ -474,9 +488,12 @@ class _IncidentBuilder:
             return None
         self.attached = True
         cur = self.current
+        if cur is not None and cur.end is not None and run.start < cur.end:
+            run.start = cur.end  # a backdated start never reaches into the previous incident
         if (cur is not None and cur.end is not None
                 and (run.start - cur.end).total_seconds() <= self.cfg.flap_merge_seconds):
-            cur.recoveries.append((cur.end, run.start))
+            if run.start > cur.end:
+                cur.recoveries.append((cur.end, run.start))
             cur.end = None
         else:
             if cur is not None:
@@ -577,12 +594,15 @@ class _Groups:
 
 
 class _Engine:
-    def __init__(self, config: DetectorConfig, bin_seconds: int) -> None:
+    def __init__(self, config: DetectorConfig, bin_seconds: int, phase_seconds: int = 0) -> None:
         config.validate()
         if bin_seconds <= 0 or DAY_SECONDS % bin_seconds:
             raise ValueError(f"detector: bin size {bin_seconds}s must divide a day (86400 s)")
         self.cfg = config
         self.bin_seconds = bin_seconds
+        # bins start this many seconds after a multiple of bin_seconds (hourly data stamped
+        # at :30 keeps its own times instead of being labelled half an hour early)
+        self.phase = phase_seconds % bin_seconds
         self.bins_per_day = DAY_SECONDS // bin_seconds
         self.slot_seconds = max(config.slot_seconds, bin_seconds)
         if DAY_SECONDS % self.slot_seconds:
@@ -597,6 +617,7 @@ class _Engine:
         self.last_level = np.zeros(0)
         self.late_points = 0
         self.changed: dict[str, Incident] = {}
+        self.low_since: dict[str, int] = {}  # country -> first bin of its current low run
         pool = max(config.pool_bins - 1, 0)
         self.prev_up = np.zeros((0, pool))
         self.prev_total = np.zeros((0, pool))
@@ -604,6 +625,15 @@ class _Engine:
         # detect_with_baselines(): (bins, measure rows, value, baseline) of one country's measures
         self.trace_country: str | None = None
         self.trace: list[tuple[I64, I64, F64, F64]] = []
+
+    def bin_of(self, secs: I64) -> I64:
+        """Absolute bin numbers of Unix times."""
+        return (secs - self.phase) // self.bin_seconds
+
+    def bin_times(self, bins: I64) -> list[datetime]:
+        """The start of each bin, as UTC datetimes."""
+        return [datetime.fromtimestamp(int(b) * self.bin_seconds + self.phase, UTC)
+                for b in bins]
 
     # -- structure -----------------------------------------------------------------------
     def _groups(self) -> _Groups:
@@ -686,7 +716,8 @@ class _Engine:
         day = int(bins[0] // self.bins_per_day)
         store.roll_to(day)
         # time of day -> fractional slot position, interpolated between slot centres
-        tod = (bins % self.bins_per_day) * self.bin_seconds + self.bin_seconds / 2
+        tod = ((bins % self.bins_per_day) * self.bin_seconds + self.phase
+               + self.bin_seconds / 2) % DAY_SECONDS
         pos = tod / self.slot_seconds - 0.5
         lo = np.floor(pos).astype(np.int64)
         frac = pos - lo
@@ -710,7 +741,7 @@ class _Engine:
             self.trace.append((bins.copy(), rows, value[rows], base[rows]))
         with np.errstate(invalid="ignore", divide="ignore"):
             level = np.where(base > 0, value / base, np.nan)
-        upper = self._upper(level, up, total, base, noise)
+        upper, span = self._upper(level, up, total, base, noise)
         roles = g.roles[:, None]
         known = np.isfinite(level)
         status = np.where(known, np.where(upper < cfg.critical, 2,
@@ -739,7 +770,7 @@ class _Engine:
                                     UNKNOWN)
         status = status.astype(np.int8)
         unknown_bins, country_down = self._classify(g, bins, status, level, total, base,
-                                                    vantage_down)
+                                                    vantage_down, span)
         # learning: anomalies are replaced by the prediction, and so is every measure of a
         # country that is down (its tiny networks cannot tell alone); unknown bins teach nothing
         in_down_country = np.zeros_like(status, dtype=bool)
@@ -765,18 +796,25 @@ class _Engine:
         self.last_level = np.where(np.isfinite(last), last, self.last_level)
         self.last_bin = int(bins[-1])
 
-    def _upper(self, level: F64, up: F64, total: F64, base: F64, noise: F64) -> F64:
+    def _upper(self, level: F64, up: F64, total: F64, base: F64, noise: F64,
+               ) -> tuple[F64, I64]:
         """The highest level the data plausibly allows: anomalies are judged on it.
 
         Counts: the Wilson upper bound of up/total, widened by the measure's own dispersion
         beyond binomial (quasi-binomial), also over the last `pool_bins` bins pooled, so a tiny
         network that stays silent becomes evidence. Other values: level + noise_z x noise.
         Before a day of residuals exists, `initial_noise` stands in for the noise.
+
+        Also returns each bin's *span*: 1, or L > 1 when the last L bins, all low on their
+        own point levels, are anomalous only pooled together. Such a window is evidence for
+        all L of its bins at once (a 9-block network silent for two rounds: neither round
+        proves anything alone, the two together do), so the incident may start L-1 bins back.
         """
         cfg = self.cfg
         has_total = np.isfinite(total)
         known_noise = np.isfinite(noise)
         sigma = np.where(known_noise, noise * 1.25, cfg.initial_noise)  # mean abs dev -> sigma
+        span = np.ones(level.shape, dtype=np.int64)
         with np.errstate(invalid="ignore", divide="ignore"):
             by_noise = level + cfg.noise_z * sigma
             widen = np.sqrt(np.where(known_noise, np.maximum(noise, 1.0), 1.0))
@@ -787,16 +825,32 @@ class _Engine:
                 pu = np.concatenate([self.prev_up, np.nan_to_num(up)], axis=1)
                 pt = np.concatenate([self.prev_total, np.nan_to_num(total)], axis=1)
                 pe = np.concatenate([self.prev_expected, np.nan_to_num(base * total)], axis=1)
-                sums = [np.cumsum(a, axis=1) for a in (pu, pt, pe)]
-                su, st, se = (c[:, k - 1:] - np.concatenate(
-                    [np.zeros((c.shape[0], 1)), c[:, :-k]], axis=1) for c in sums)
+                low = (pe > 0) & (pu < cfg.warning * pe)  # each bin's own point level
+                n = level.shape[1]
+                sums = [np.concatenate([np.zeros((a.shape[0], 1)), np.cumsum(a, axis=1)], axis=1)
+                        for a in (pu, pt, pe, low.astype(np.float64))]
+
+                def last(length: int) -> list[F64]:
+                    """Sums over the `length` bins ending at each bin of this block."""
+                    return [c[:, k:k + n] - c[:, k - length:k - length + n] for c in sums]
+
+                su, st, se, _ = last(k)
                 pooled = _wilson_upper(su, st, cfg.pool_z * widen) / (se / st)
                 # pooling only deepens a bin that is itself low, so recoveries end on time
-                wilson = np.where(level < cfg.warning, np.fmin(wilson, pooled), wilson)
+                joint = pooled
+                for length in range(2, k + 1):
+                    su, st, se, n_low = last(length)
+                    bound = np.where(n_low >= length,
+                                     _wilson_upper(su, st, cfg.pool_z * widen) / (se / st),
+                                     np.inf)
+                    span = np.where(bound < cfg.warning, length, span)  # longest proof wins
+                    joint = np.fmin(joint, bound)
+                wilson = np.where(level < cfg.warning, np.fmin(wilson, joint), wilson)
         counted = has_total & np.isfinite(wilson)
         warmup = np.where(known_noise, -np.inf, by_noise)  # counts with no history yet
         upper = np.where(counted, np.fmax(wilson, warmup), by_noise)
-        return np.asarray(upper, dtype=np.float64)
+        span = np.where(counted & (level < cfg.warning) & (upper < cfg.warning), span, 1)
+        return np.asarray(upper, dtype=np.float64), span
 
     def _remember_counts(self, up: F64, total: F64, base: F64) -> None:
         k = self.cfg.pool_bins - 1
@@ -809,7 +863,7 @@ class _Engine:
         self.prev_expected = np.concatenate([self.prev_expected, expected], axis=1)[:, -k:]
 
     def _classify(self, g: _Groups, bins: I64, status: I8, level: F64, total: F64, base: F64,
-                  vantage_down: npt.NDArray[np.bool_],
+                  vantage_down: npt.NDArray[np.bool_], span: I64,
                   ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
         """Entities -> countries -> incident builders.
 
@@ -824,6 +878,8 @@ class _Engine:
             ent_level = g.reach.reduce(np.fmin, level, n_ent, np.nan)
         size = np.nan_to_num(base * total)
         ent_weight = g.reach.reduce(np.fmax, size, n_ent, 0.0)
+        ent_span = g.reach.reduce(np.maximum, np.where(status >= 1, span, 1), n_ent,
+                                  1).astype(np.int64)
         ent_weight = np.where(ent_weight > 0, ent_weight, 1.0)
         # countries: own level, or the size-weighted mean of their networks
         subs = g.majority_subs
@@ -857,7 +913,7 @@ class _Engine:
         nationwide = (c_status >= 1) & majority
         # the vantage: its own series, or (without one) most countries failing at once
         unknown = vantage_down.copy()
-        times = _bin_times(bins, self.bin_seconds)
+        times = self.bin_times(bins)
         bin_hours = self.bin_seconds / 3600
         reg = self.registry
         if len(g.vantage_measures) == 0 and len(g.countries) >= cfg.vantage_fallback_min_countries:
@@ -873,6 +929,12 @@ class _Engine:
             self._feed(key, times, status[i], level[i], bin_hours)
         c_status[:, unknown] = UNKNOWN
         nationwide &= ~unknown
+        # where the country's level has left its band: its own series says so with evidence,
+        # or (derived) the weighted level is low and some of its networks are proven down
+        with np.errstate(invalid="ignore"):
+            derived_low = np.isfinite(d_level) & (d_level < cfg.warning) & (share > 0)
+        c_low = np.where(has_own, own_st >= 1, derived_low) & ~unknown[None, :]
+        onset = self._country_onsets(g.countries, bins, c_low)
         n_status = np.where(nationwide, c_status, np.where(c_status >= 0, 0, UNKNOWN))
         active_c = set(np.flatnonzero((n_status >= 1).any(axis=1)).tolist())
         active_c |= {ci for ci, c in enumerate(g.countries) if (c, "country", c, KIND_NATIONWIDE)
@@ -884,14 +946,16 @@ class _Engine:
             members = [i for e in (*own, *subs_c) for i in g.reach_lists[e]]
             sub_states = [(e, ent_status[e], ent_level[e]) for e in subs_c]
             self._feed((c, "country", c, KIND_NATIONWIDE), times, n_status[ci].astype(np.int8),
-                       c_level[ci], bin_hours, members, status, sub_states)
+                       c_level[ci], bin_hours, members, status, sub_states,
+                       onsets=onset[ci])  # proof needs the majority in each bin: no spans
         # networks and regions down while their country is not
         if len(g.subs):
             sub_nw = nationwide[g.sub_country]
             es = ent_status[g.subs]
             es = np.where(unknown | (es < 0), UNKNOWN, np.where(sub_nw, 0, es)).astype(np.int8)
             self._feed_entities(g, g.subs, es, ent_level[g.subs], KIND_NETWORK, g.reach_lists,
-                                times, bin_hours, status, ent_status, ent_level)
+                                times, bin_hours, status, ent_status, ent_level,
+                                ent_span[g.subs])
         # service blocks and throttling: while reachability holds
         for seg, lists, kind in ((g.service, g.service_lists, KIND_SERVICE),
                                  (g.perf, g.perf_lists, KIND_THROTTLING)):
@@ -907,10 +971,31 @@ class _Engine:
             self._feed_entities(g, seg.owners, ks, lv_k, kind, lists, times, bin_hours, status)
         return unknown, nationwide
 
+    def _country_onsets(self, countries: list[str], bins: I64,
+                        low: npt.NDArray[np.bool_]) -> I64:
+        """Per country and bin: the first bin of the run of low bins holding it, else -1.
+
+        A nationwide incident is confirmed when most networks are down, but it began when the
+        country's level first left its band: Iran, 16 Nov 2019, sank for an hour, county by
+        county, before most counties were dark. Runs are carried across calls (live rounds)."""
+        n_bins = len(bins)
+        carried = np.asarray([self.low_since.get(c, -1) for c in countries], dtype=np.int64)
+        carried = np.where(carried >= 0, carried, bins[0])
+        last_break = np.maximum.accumulate(np.where(low, -1, np.arange(n_bins)), axis=1)
+        first = np.where(last_break < 0, carried[:, None], bins[np.minimum(last_break + 1,
+                                                                           n_bins - 1)])
+        onset = np.where(low, first, -1)
+        for ci, c in enumerate(countries):
+            if onset[ci, -1] >= 0:
+                self.low_since[c] = int(onset[ci, -1])
+            else:
+                self.low_since.pop(c, None)
+        return np.asarray(onset, dtype=np.int64)
+
     def _feed_entities(self, g: _Groups, entities: I64, st: I8, lv: F64, kind: str,
                        lists: list[list[int]], times: list[datetime], bin_hours: float,
                        status: I8, ent_status: I8 | None = None,
-                       ent_level: F64 | None = None) -> None:
+                       ent_level: F64 | None = None, spans: I64 | None = None) -> None:
         reg = self.registry
         rows = set(np.flatnonzero((st >= 1).any(axis=1)).tolist())
         if self.pending:
@@ -924,12 +1009,16 @@ class _Engine:
             subs = ([(e, ent_status[e], ent_level[e])]
                     if ent_status is not None and ent_level is not None else [])
             self._feed((c, scope, entity, kind), times, st[r], lv[r], bin_hours, lists[e],
-                       status, subs)
+                       status, subs, spans[r] if spans is not None else None)
 
     def _feed(self, key: tuple[str, str, str, str], times: Sequence[datetime], st: I8, lv: F64,
               bin_hours: float, members: Sequence[int] = (), status: I8 | None = None,
-              subs: Sequence[tuple[int, npt.NDArray[Any], F64]] = ()) -> None:
-        """Feed the relevant bins (anomalous ones, and the first known bin after them)."""
+              subs: Sequence[tuple[int, npt.NDArray[Any], F64]] = (), spans: I64 | None = None,
+              onsets: I64 | None = None) -> None:
+        """Feed the relevant bins (anomalous ones, and the first known bin after them).
+
+        spans: per bin, how many bins its evidence covers (see `_upper`); onsets: per bin, the
+        bin where the entity's level first fell under `warning` in the run that holds it."""
         if key not in self.pending and not (st >= 1).any():
             return
         b = self.builders.get(key)
@@ -949,7 +1038,10 @@ class _Engine:
                     if est[j] >= 1:
                         _, scope, entity = reg.entities[e]
                         networks[entity if scope == "asn" else "region:" + entity] = float(elv[j])
-            changed = b.feed(times[int(j)], s, float(lv[j]), bin_hours, signals, networks)
+            onset = (self.bin_times(onsets[j:j + 1])[0]
+                     if onsets is not None and s >= 1 and onsets[j] >= 0 else None)
+            changed = b.feed(times[int(j)], s, float(lv[j]), bin_hours, signals, networks,
+                             span=int(spans[j]) if spans is not None else 1, onset=onset)
             if changed is not None:
                 self.changed[changed.id] = changed
         if b.run is None:
@@ -966,8 +1058,16 @@ class _Engine:
 # Frames in.
 
 
-def _bin_times(bins: I64, bin_seconds: int) -> list[datetime]:
-    return [datetime.fromtimestamp(int(b) * bin_seconds, UTC) for b in bins]
+def infer_bin_phase(times: npt.NDArray[np.int64], bin_seconds: int) -> int:
+    """Where in its bin the data is stamped: 1800 for hourly data stamped at half past, 0 for a
+    daemon's aligned rounds, and 0 unless most points share one offset (several rounds per bin
+    keep the aligned bins the live detector uses)."""
+    if len(times) == 0:
+        return 0
+    sample = np.asarray(times)[:: max(1, len(times) // 100_000)]  # a year of points: sample
+    offsets, counts = np.unique(sample % bin_seconds, return_counts=True)
+    best = int(np.argmax(counts))
+    return int(offsets[best]) if counts[best] >= 0.8 * len(sample) else 0
 
 
 def infer_bin_seconds(times: npt.NDArray[np.int64]) -> int:
@@ -1023,7 +1123,7 @@ def _feed_frame(engine: _Engine, frame: pd.DataFrame) -> None:
     engine._groups()
     row_measure = mapping[np.asarray(key_codes), 0]
     row_role = mapping[np.asarray(key_codes), 1]
-    bins = secs // engine.bin_seconds
+    bins = engine.bin_of(secs)
     keep = bins > engine.last_bin
     engine.late_points += int((~keep).sum())
     if not keep.all():
@@ -1087,6 +1187,13 @@ def _window(frame: pd.DataFrame, now: datetime | None) -> pd.DataFrame:
     return frame[times <= pd.Timestamp(now)]
 
 
+def _offline_engine(cfg: DetectorConfig, frame: pd.DataFrame) -> _Engine:
+    """An engine whose bins fit the frame: its step (unless configured) and its phase."""
+    secs = _time_seconds(frame["time"])
+    bin_seconds = cfg.bin_seconds or infer_bin_seconds(secs)
+    return _Engine(cfg, bin_seconds, infer_bin_phase(secs, bin_seconds))
+
+
 def detect(frame: pd.DataFrame, *, now: datetime | None = None,
            config: DetectorConfig | None = None) -> list[Incident]:
     """Every incident in a frame of series points (series.COLUMNS), oldest first.
@@ -1098,8 +1205,7 @@ def detect(frame: pd.DataFrame, *, now: datetime | None = None,
     frame = _window(frame, now)
     if frame.empty:
         return []
-    bin_seconds = cfg.bin_seconds or infer_bin_seconds(_time_seconds(frame["time"]))
-    engine = _Engine(cfg, bin_seconds)
+    engine = _offline_engine(cfg, frame)
     _feed_frame(engine, frame)
     return engine.incidents()
 
@@ -1118,8 +1224,8 @@ def detect_with_baselines(frame: pd.DataFrame, country: str, *, now: datetime | 
     columns = ["time", "scope", "entity", "signal", "value", "baseline"]
     if frame.empty:
         return [], pd.DataFrame(columns=columns)
-    bin_seconds = cfg.bin_seconds or infer_bin_seconds(_time_seconds(frame["time"]))
-    engine = _Engine(cfg, bin_seconds)
+    engine = _offline_engine(cfg, frame)
+    bin_seconds = engine.bin_seconds
     engine.trace_country = country
     _feed_frame(engine, frame)
     trace = [t for t in engine.trace if len(t[1])]
@@ -1130,7 +1236,7 @@ def detect_with_baselines(frame: pd.DataFrame, country: str, *, now: datetime | 
     names = np.asarray([(m.scope, m.entity, m.signal) for m in engine.registry.measures],
                        dtype=object)[rows]
     traced = pd.DataFrame({
-        "time": pd.to_datetime(bins * bin_seconds, unit="s", utc=True),
+        "time": pd.to_datetime(bins * bin_seconds + engine.phase, unit="s", utc=True),
         "scope": names[:, 0], "entity": names[:, 1], "signal": names[:, 2],
         "value": np.concatenate([v.ravel() for _, _, v, _ in trace]),
         "baseline": np.concatenate([b.ravel() for _, _, _, b in trace])})
@@ -1225,7 +1331,7 @@ def _feed_columns(engine: _Engine, secs: I64, countries: list[str], scopes: list
                                    strict=True)]
     mapping = np.asarray(found, dtype=np.int64).reshape(-1, 2)
     engine._groups()
-    bins = secs // engine.bin_seconds
+    bins = engine.bin_of(secs)
     keep = bins > engine.last_bin
     engine.late_points += int((~keep).sum())
     order = np.argsort(bins[keep], kind="stable")

@@ -18,6 +18,8 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
+from monitor.detect import infer_bin_phase
+
 WARNING, CRITICAL = 0.8, 0.5
 WINDOW_DAYS = 7
 
@@ -79,7 +81,9 @@ def ioda_alerts(frame: pd.DataFrame, bin_seconds: int) -> list[Alert]:
     for column in ("country", "scope", "entity", "signal"):
         frame[column] = frame[column].astype(str)
     secs = pd.to_datetime(frame["time"], utc=True).dt.as_unit("s").astype("int64")
-    frame["bin"] = secs // bin_seconds * bin_seconds
+    # bins keep the data's own phase (hourly data at :30 stays at :30), as the detector's do
+    phase = infer_bin_phase(np.asarray(secs, dtype=np.int64), bin_seconds)
+    frame["bin"] = (secs - phase) // bin_seconds * bin_seconds + phase
     wide = frame.pivot_table(index=["country", "scope", "entity", "bin"], columns="signal",
                              values="value", aggfunc="mean", observed=True)
     out: list[Alert] = []

@@ -63,9 +63,10 @@ class Score:
     long_covered: list[float] | None = None
 
 
-def _overlaps(f: Found, t: Truth, tol: timedelta, data_end: datetime) -> bool:
+def _overlaps(f: Found, t: Truth, tol: timedelta, data_end: datetime,
+              start: datetime | None = None) -> bool:
     end = f.end or data_end
-    return f.start <= t.end + tol and end >= t.start - tol
+    return f.start <= t.end + tol and end >= (start or t.start) - tol
 
 
 @dataclass
@@ -87,8 +88,10 @@ def evaluate(found: list[Found], scenario: Scenario) -> Result:
     for t in scenario.truths:
         matches = [i for i, f in enumerate(found) if f.country == t.country and f.kind == t.kind
                    and f.entity == t.entity and _overlaps(f, t, tol, data_end)]
+        # anything in the country while it is disturbed is no false alarm (a slow decline's
+        # biggest network sinks under 80% hours before the level reaches 50%)
         used.update(i for i, f in enumerate(found) if f.country == t.country
-                    and _overlaps(f, t, tol, data_end))
+                    and _overlaps(f, t, tol, data_end, t.first_disturbed))
         duration_bins = (t.end - t.start).total_seconds() / bin_s
         required = t.depth <= 0.5 and duration_bins >= 2
         if not required:
@@ -170,6 +173,27 @@ def synthetic_section(quick: bool) -> list[str]:
         lines.append(f"| {name} | {text or 'none'} (total {res.false_total} over "
                      f"{res.country_years:.1f} country-years) | {found_s}/{total_s} | "
                      f"{elapsed:.1f} s |")
+    if not quick:
+        lines += ["", *other_seeds(countries, days)]
+    return lines
+
+
+def other_seeds(countries: int, days: int, seeds: tuple[int, ...] = (11, 23)) -> list[str]:
+    """The same generator with other seeds: the figures above are not tuned to one draw."""
+    lines = ["Other draws of the same generator (ours only):", "",
+             "| seed | recall per shape | false incidents (kind/severity: total) |",
+             "| --- | --- | --- |"]
+    for seed in seeds:
+        scenario = generate(countries=countries, days=days, seed=seed)
+        res = evaluate(ours(scenario.frame)[0], scenario)
+        recall = ", ".join(f"{shape} {sc.found}/{sc.required}"
+                           for shape, sc in sorted(res.shapes.items()))
+        false = defaultdict(int)
+        for (kind, severity), per_year in res.false.items():
+            false[f"{kind}/{severity}"] = round(per_year * res.country_years)
+        text = ", ".join(f"{k}: {v}" for k, v in sorted(false.items())) or "none"
+        lines.append(f"| {seed} | {recall} | {text} (over {res.country_years:.1f} "
+                     "country-years) |")
     return lines
 
 
@@ -311,8 +335,15 @@ NOTES = [
     "- Onset/end errors are signed, in bins (negative: earlier than the truth). For slow "
     "declines the truth onset is the moment the level reaches 50%; flagging earlier (at the "
     "warning level) shows as a negative error.",
-    "- Network outages that are missed are 2-round silences of networks with 3-4 responsive "
-    "blocks: below the evidence floor (such silences happen by chance a few times a year).",
+    "- One-network outages: a 2-round silence of a network with 8-10 blocks of which 3-5 "
+    "usually answer proves nothing in either round alone (0 of 9 happens by chance in ~1% of "
+    "rounds there); the detector judges the two rounds pooled (`pool_z`, z = 3.09) and opens a "
+    "`warning` from the first silent round. The price is the false `network_outage` warnings "
+    "above, which are the same pattern happening by chance (for example 2, 0, 0, 4 blocks of a "
+    "9-block network); none is critical. With `pool_z: 3.29` the false warnings fall to 3 "
+    "(0.38 per country-year) and recall to 23/24. The events still missed in other draws "
+    "are silences of 10-block networks with ~3.7 usually answering: a 2-round silence happens "
+    "there by chance about 10 times a year, so finding it would cost that many false alarms.",
     "- The IODA rule is applied as published (7-day moving median, not time-of-day aware) to the "
     "same 5-minute series; its false alerts come mostly from nightly troughs of the diurnal "
     "pattern (3-30% amplitude in the generator) and from small networks. It is a reference for "

@@ -28,6 +28,11 @@ class Truth:
     end: datetime
     depth: float  # level during the event (fraction of normal)
     shape: str  # step | decline | flap | long | network
+    disturbed_from: datetime | None = None  # a slow decline's first bin under normal
+
+    @property
+    def first_disturbed(self) -> datetime:
+        return self.disturbed_from or self.start
 
 
 @dataclass
@@ -96,7 +101,7 @@ def generate(countries: int = 24, days: int = 120, bin_seconds: int = 300,
             country_factor[s + ramp:s + ramp + hold] = depth
             cross = s + int(np.argmax(country_factor[s:] <= 0.5))
             truths.append(Truth(cc, "nationwide_shutdown", cc, at(cross), at(s + ramp + hold),
-                                depth, "decline"))
+                                depth, "decline", disturbed_from=at(s)))
         elif shape == "flap":
             on, off = 3600 // bin_seconds, 1800 // bin_seconds
             s = place(4 * (on + off))
