@@ -382,7 +382,7 @@ def _entity_rows(levels: pd.DataFrame, scope: str, bin_hours: float,
 
 
 def _headline(country: Country, main: Incident | None, level: pd.Series, data_end: datetime,
-              since: datetime, until: datetime) -> str:
+              since: datetime, until: datetime, critical: float) -> str:
     if main is None:
         floor = float(level.min()) if len(level.dropna()) else float("nan")
         tail = (f": its level stayed at or above {format_percent(floor)} of ordinary levels"
@@ -390,7 +390,14 @@ def _headline(country: Country, main: Incident | None, level: pd.Series, data_en
         return (f"No shutdown or outage was detected in {country.name} between "
                 f"{format_when(since)} and {format_when(until)}{tail}.")
     end = _incident_end(main, data_end)
-    hours = (end - main.start).total_seconds() / 3600
+    # an incident starts where the level first left its band; when it sank for a while before
+    # it went under `critical` (Iran, 16 Nov 2019), the sentence names both moments
+    deep = _first_below(level, critical, main.start, end) if main.severity == "critical" else None
+    began = ""
+    fell_at = main.start
+    if deep is not None and deep > main.start:
+        began, fell_at = f" began falling at {format_when(main.start)},", deep
+    hours = (end - fell_at).total_seconds() / 3600
     lasted = (f"and stayed there for {format_hours(hours)}" if main.end is not None else
               f"and stayed there for at least {format_hours(hours)}, until the data ends at "
               f"{format_when(data_end)}")
@@ -407,8 +414,17 @@ def _headline(country: Country, main: Incident | None, level: pd.Series, data_en
         subject = f"Network performance in {country.name}"
     kind = KIND_WORDS.get(main.kind, main.kind)
     article = "an" if kind[0] in "aeiou" else "a"
-    return (f"{subject} fell to {low} of ordinary levels at {format_when(main.start)} {lasted}: "
-            f"{article} {kind} ({main.severity}).")
+    return (f"{subject}{began} fell to {low} of ordinary levels at {format_when(fell_at)} "
+            f"{lasted}: {article} {kind} ({main.severity}).")
+
+
+def _first_below(level: pd.Series, threshold: float, start: datetime,
+                 end: datetime) -> datetime | None:
+    """The first time in [start, end) the level is under the threshold."""
+    times = pd.DatetimeIndex(level.index)
+    inside = level[(times >= pd.Timestamp(start)) & (times < pd.Timestamp(end))]
+    under = inside[inside < threshold]
+    return pd.Timestamp(under.index[0]).to_pydatetime() if len(under) else None
 
 
 def build_report(frame: pd.DataFrame, country: str, *, since: datetime | None = None,
@@ -463,7 +479,7 @@ def build_report(frame: pd.DataFrame, country: str, *, since: datetime | None = 
     return Report(
         country=info, since=start, until=end, bin_seconds=bin_seconds, source=source,
         config=cfg, incidents=mine, vantage_incidents=vantage, main=main,
-        headline=_headline(info, main, country_level, data_end, start, end),
+        headline=_headline(info, main, country_level, data_end, start, end, cfg.critical),
         country_level=country_level, signals=_signal_series(window, totals, cc, sub_scope),
         entity_scope=sub_scope, entity_levels=entity_levels, entity_rows=rows,
         vantages=vantages, signal_names=sorted(window["signal"].unique()),
