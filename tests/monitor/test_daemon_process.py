@@ -53,7 +53,8 @@ def fetch(lab: Lab, path: str) -> tuple[int, str]:
     return run_in_netns(lab.ns, get, timeout=10)
 
 
-def wait_until(what: str, check: Callable[[], bool], within_s: float = 30.0) -> None:
+def wait_until(what: str, check: Callable[[], bool], within_s: float = 60.0) -> None:
+    # generous: a daemon starting on a loaded 2-core machine can take half a minute
     deadline = time.monotonic() + within_s
     while not check():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
