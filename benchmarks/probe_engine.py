@@ -133,9 +133,19 @@ def engine_name(workers: int) -> str:
     return f"ours, {workers} workers" if workers else "ours"
 
 
+# Which loop runs our engine: "shipped" (probes.eventloop, what the CLI and daemon use) or
+# "asyncio" (asyncio's own loop, for an A/B of the loop alone): --ours-loop.
+OURS_LOOP = {"loop": "shipped"}
+
+
+def ours_loop_name() -> str:
+    return eventloop.loop_name() if OURS_LOOP["loop"] == "shipped" else "asyncio"
+
+
 def run_ours_in_netns(ns: Netns, factory: Callable[[], Awaitable[T]], timeout: float) -> T:
     """Our engine on the loop the CLI and daemon ship with (probes.eventloop: uvloop when
-    installed), in a thread inside `ns`. blackbox's driver keeps tests.netns.run_in_netns."""
+    installed, unless --ours-loop asyncio), in a thread inside `ns`. blackbox's driver keeps
+    tests.netns.run_in_netns."""
     box: dict[str, Any] = {}
 
     def target() -> None:
@@ -145,7 +155,8 @@ def run_ours_in_netns(ns: Netns, factory: Callable[[], Awaitable[T]], timeout: f
             async def main() -> T:
                 return await factory()
 
-            box["value"] = eventloop.run(main())
+            shipped = OURS_LOOP["loop"] == "shipped"
+            box["value"] = eventloop.run(main()) if shipped else asyncio.run(main())
         except BaseException as exc:
             box["error"] = exc
 
@@ -404,7 +415,7 @@ def machine() -> str:
     nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
     load = Path("/proc/loadavg").read_text().split()[:3]
     return (
-        f"nproc = {nproc}, our event loop: {eventloop.loop_name()}, "
+        f"nproc = {nproc}, our event loop: {ours_loop_name()}, "
         f"load average {' '.join(load)} at the end\n\n```\n"
         + "\n".join(lscpu)
         + "\n```"
@@ -484,8 +495,16 @@ def main() -> None:
         help="comma-separated methods to compare; the rate-capped ICMP run and the "
         "1,000,000-target memory run are made only when all three are measured",
     )
+    parser.add_argument(
+        "--ours-loop",
+        choices=("shipped", "asyncio"),
+        default="shipped",
+        help="our engine's event loop: the one the CLI and daemon ship with (uvloop when "
+        "installed), or asyncio's own (an A/B of the loop alone; worker processes keep theirs)",
+    )
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    OURS_LOOP["loop"] = args.ours_loop
     if args.memory_child:
         memory_child(args.memory_child)
         return
@@ -571,6 +590,8 @@ def main() -> None:
         flags += f" --workers {args.workers}"
     if not everything:
         flags += f" --methods {','.join(methods)}"
+    if args.ours_loop != "shipped":
+        flags += f" --ours-loop {args.ours_loop}"
     text = report(rows, capped, memory, flags)
     print(text)
     if args.output:
