@@ -4,9 +4,9 @@ Every probe opens a fresh connection and sends `Connection: close`: reusing one 
 connect and TLS phases, which are the point of the measurement. The connection is opened with
 the event loop directly (TCP, then `start_tls` for https, so each phase has its own stamps) and
 the response is read by aiohttp's `ResponseHandler` (its protocol, its C HTTP parser, its body
-stream). aiohttp's `ClientSession` is not used: per probe it cost ~3x the CPU of everything
-else (cookie jar, request and response objects, connector bookkeeping, happy eyeballs), and a
-probe needs none of it. Redirects are followed by hand, one hop at a time, so each hop is
+stream). aiohttp's `ClientSession` is not used: its per-request machinery (cookie jar, request
+and response objects, connector bookkeeping, happy eyeballs) more than doubled a probe's CPU,
+and a probe needs none of it. Redirects are followed by hand, one hop at a time, so each hop is
 checked against the blocklist (IP literals before the request, host names after resolving)
 and paced like a new probe.
 """
