@@ -43,14 +43,15 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 if ARGS.root is not None:
     sys.path.insert(0, str(ARGS.root.resolve()))
 
-from probe_engine import prepare, run_ours_in_netns, sweep_addresses  # noqa: E402
-from procstat import cpu_seconds  # noqa: E402
-
-from probes.base import ProbeResult, Target  # noqa: E402
+# probes first: probe_engine puts this checkout's root in front of sys.path when imported.
+from probes.base import ProbeResult, Target  # noqa: E402, I001
 from probes.icmp import IcmpProber  # noqa: E402
 from probes.pacing import Pacer, PacingPolicy  # noqa: E402
 from probes.workers import WorkerPoolProber, worker_pool  # noqa: E402
 from tests.netns import Netns  # noqa: E402
+
+from probe_engine import prepare, run_ours_in_netns, sweep_addresses  # noqa: E402
+from procstat import cpu_seconds  # noqa: E402
 
 
 def run(ns: Netns, targets: list[Target], workers: int, in_flight: int) -> str:
@@ -83,7 +84,9 @@ def run(ns: Netns, targets: list[Target], workers: int, in_flight: int) -> str:
         kernel = (times1.system - times0.system) / count * 1e6
         per_worker = ", ".join(f"{cpu / count * 1e6:.2f}" for cpu in workers_cpu)
         total = caller + sum(workers_cpu) / count * 1e6
+        source = Path(sys.modules[WorkerPoolProber.__module__].__file__ or "?").parent.parent
         return (
+            f"[{source}] "
             f"{'pool of ' + str(workers) if workers else 'one process'}, in flight {in_flight}: "
             f"{count / seconds:,.0f} probes/s; CPU us/probe: caller {caller:.2f} "
             f"(kernel {kernel:.2f}), workers [{per_worker}], total {total:.2f}; down {down}"

@@ -593,10 +593,8 @@ async def _serve(sock: socket.socket) -> None:
         blocklist: Blocklist,
         fed: asyncio.Event,
     ) -> None:
-        targets = list(map(Target, addresses))
-        for place, (port, url, query) in extras.items():
-            targets[place] = Target(addresses[place], port, url, query)
-        keys = dict(zip(map(id, targets), itertools.count(first_key), strict=False))
+        targets: list[Target] = []
+        keys: dict[int, int] = {}  # id(target) -> key
         pack = _RECORD.pack
         failure_code = _FAILURE_CODE
         source_code = _RTT_SOURCE_CODE
@@ -624,7 +622,11 @@ async def _serve(sock: socket.socket) -> None:
                 failure_code[result.failure], math.nan if rtt is None else rtt, result.started_at,
             ))  # fmt: skip
 
-        try:
+        try:  # a chunk it cannot read fails the calls in the parent, it does not hang them
+            targets = list(map(Target, addresses))
+            for place, (port, url, query) in extras.items():
+                targets[place] = Target(addresses[place], port, url, query)
+            keys = dict(zip(map(id, targets), itertools.count(first_key), strict=False))
             await prober.probe_many(lazily(), _Paced(blocklist), sink)
         except Exception as exc:
             writer.write(_frame(("error", f"{type(exc).__name__}: {exc}")))
