@@ -224,15 +224,16 @@ class WorkerPoolProber:
                 raise call.error
         finally:
             self._calls.discard(call)
-            if call.outstanding:  # stopped early: forget its targets, give their slots back
-                for number, chunk in list(self._chunks.items()):
-                    if chunk.call is call:
-                        del self._chunks[number]
-                        if chunk.worker is not None:  # None: it never went out
-                            chunk.worker.load -= chunk.left
-                        for _ in range(chunk.left):
-                            pacer.release_slot()
-                call.outstanding = 0
+            # Stopped early: forget its chunks (the one being built too, even empty) and give
+            # their slots back. A call that ran to its end has none left.
+            for number, chunk in list(self._chunks.items()):
+                if chunk.call is call:
+                    del self._chunks[number]
+                    if chunk.worker is not None:  # None: it never went out
+                        chunk.worker.load -= chunk.left
+                    for _ in range(chunk.left):
+                        pacer.release_slot()
+            call.outstanding = 0
 
     async def close(self) -> None:
         """Ask the workers to finish, wait a moment, then kill what is left."""

@@ -125,6 +125,7 @@ async def test_a_failing_sink_is_raised_and_slots_come_back() -> None:
         finally:
             await prober.close()
     assert pacer.in_flight == 0
+    assert not prober._chunks  # nothing of the failed call is kept
 
 
 def test_bad_options_fail_in_the_parent() -> None:
@@ -227,6 +228,22 @@ async def test_a_sink_failing_before_a_chunk_went_out_gives_its_slots_back() -> 
         finally:
             await prober.close()
     assert pacer.in_flight == 0
+
+
+async def test_a_call_stopped_before_its_first_chunk_leaves_nothing_behind() -> None:
+    """The first target is blocked and the sink fails on it: the chunk being built is empty."""
+
+    def sink(result: ProbeResult) -> None:
+        raise RuntimeError("sink broke")
+
+    pacer = _pacer(Blocklist.from_cidrs(["127.0.0.2/32"]))
+    prober = TcpWorkerPool(workers=1, ports=(80,))
+    try:
+        with pytest.raises(RuntimeError, match="sink broke"):
+            await prober.probe_many([Target("127.0.0.2")] + [Target("127.0.0.1")] * 5, pacer, sink)
+        assert not prober._chunks and pacer.in_flight == 0 and pacer.admitted == 0
+    finally:
+        await prober.close()
 
 
 async def test_a_pacer_shared_with_a_busy_prober_does_not_stall_the_pool() -> None:
