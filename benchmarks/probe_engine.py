@@ -28,7 +28,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, Iterator
@@ -48,7 +47,7 @@ from probes.icmp import IcmpProber  # noqa: E402
 from probes.pacing import Pacer, PacingPolicy  # noqa: E402
 from probes.tcp import TcpProber  # noqa: E402
 from probes.workers import WorkerPoolProber, worker_pool  # noqa: E402
-from tests.netns import Netns, _setns, run_in_netns  # noqa: E402
+from tests.netns import Netns, run_in_netns  # noqa: E402
 
 T = TypeVar("T")
 BLACKBOX = "/usr/bin/prometheus-blackbox-exporter"
@@ -145,29 +144,9 @@ def ours_loop_name() -> str:
 def run_ours_in_netns(ns: Netns, factory: Callable[[], Awaitable[T]], timeout: float) -> T:
     """Our engine on the loop the CLI and daemon ship with (probes.eventloop: uvloop when
     installed, unless --ours-loop asyncio), in a thread inside `ns`. blackbox's driver keeps
-    tests.netns.run_in_netns."""
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            _setns(ns.path)
-
-            async def main() -> T:
-                return await factory()
-
-            shipped = OURS_LOOP["loop"] == "shipped"
-            box["value"] = eventloop.run(main()) if shipped else asyncio.run(main())
-        except BaseException as exc:
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, name=f"ours-{ns.name}", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        raise TimeoutError(f"our engine in namespace {ns.name} did not finish in {timeout} s")
-    if "error" in box:
-        raise box["error"]
-    return box["value"]  # type: ignore[no-any-return]
+    asyncio's loop."""
+    shipped = OURS_LOOP["loop"] == "shipped"
+    return run_in_netns(ns, factory, timeout, runner=eventloop.run if shipped else asyncio.run)
 
 
 def measure_ours(

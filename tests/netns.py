@@ -13,8 +13,8 @@ import itertools
 import os
 import subprocess
 import threading
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 import pytest
 
@@ -71,8 +71,15 @@ def _setns(path: str) -> None:
         os.close(fd)
 
 
-def run_in_netns(ns: Netns, factory: Callable[[], Awaitable[T]], timeout: float = 120.0) -> T:
-    """Run `factory()` to completion on a new event loop in a thread inside `ns`."""
+def run_in_netns(
+    ns: Netns,
+    factory: Callable[[], Awaitable[T]],
+    timeout: float = 120.0,
+    runner: Callable[[Coroutine[Any, Any, T]], T] = asyncio.run,
+) -> T:
+    """Run `factory()` to completion on a new event loop in a thread inside `ns`.
+
+    runner: what runs the coroutine (asyncio.run; probes.eventloop.run for the shipped loop)."""
     box: dict[str, object] = {}
 
     def target() -> None:
@@ -82,7 +89,7 @@ def run_in_netns(ns: Netns, factory: Callable[[], Awaitable[T]], timeout: float 
             async def main() -> T:
                 return await factory()
 
-            box["value"] = asyncio.run(main())
+            box["value"] = runner(main())
         except BaseException as exc:
             box["error"] = exc
 

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,7 +26,7 @@ from probes.http import HttpProber
 from probes.icmp import IcmpProber
 from probes.pacing import Pacer, PacingPolicy
 from probes.tcp import TcpProber
-from tests.netns import Netns, _setns, needs_root
+from tests.netns import Netns, needs_root, run_in_netns
 from tests.probes.servers import (
     DnsBehaviour,
     DnsResponder,
@@ -57,30 +56,6 @@ def test_run_propagates_the_coroutines_exception() -> None:
 
     with pytest.raises(ValueError, match="from the coroutine"):
         eventloop.run(fail())
-
-
-def _run_shipped_loop_in(ns: Netns, factory: Callable[[], Awaitable[T]]) -> T:
-    """run_in_netns, but on eventloop.run: a thread joins `ns`, then runs `factory()`."""
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            _setns(ns.path)
-
-            async def main() -> T:
-                return await factory()
-
-            box["value"] = eventloop.run(main())
-        except BaseException as exc:
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, name=f"uvloop-{ns.name}", daemon=True)
-    thread.start()
-    thread.join(120)
-    assert not thread.is_alive(), "the probers did not finish in 120 s"
-    if "error" in box:
-        raise box["error"]
-    return box["value"]  # type: ignore[no-any-return]
 
 
 async def _probe(prober: Any, targets: Iterable[Target]) -> list[ProbeResult]:
@@ -178,7 +153,7 @@ def test_every_prober_runs_under_uvloop(tmp_path: Path) -> None:
         ns.sysctl("net.ipv4.ping_group_range", "0 2147483647")
         ns.exec("ip", "route", "add", "local", "10.77.0.0/16", "dev", "lo")
         ns.exec("ip", "route", "add", "unreachable", "10.76.0.0/24")
-        found = _run_shipped_loop_in(ns, lambda: _every_prober(tmp_path))
+        found = run_in_netns(ns, lambda: _every_prober(tmp_path), runner=eventloop.run)
 
     icmp = {r.target.address: r for r in found["icmp"]}
     assert all(icmp[f"10.77.0.{i}"].success for i in range(1, 21))
