@@ -76,7 +76,7 @@ _OUTCOMES = [
     for flags in range(16)
 ]
 # The worker's garbage collector thresholds (the defaults are 700, 10, 10).
-_GC_THRESHOLDS = (50_000, 20, 100)
+_GC_THRESHOLDS = eventloop.GC_THRESHOLDS
 # How often a worker's counters ride along with its results (they always come with its goodbye).
 _COUNTERS_EVERY_S = 0.2
 _PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)

@@ -10,7 +10,9 @@ thread inside a namespace this test creates, against real servers started on tha
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -57,6 +59,41 @@ def test_run_propagates_the_coroutines_exception() -> None:
     with pytest.raises(ValueError, match="from the coroutine"):
         eventloop.run(fail())
 
+
+
+def test_run_tunes_the_collector_while_it_runs_and_restores_it() -> None:
+    before = gc.get_threshold()
+
+    async def inside() -> tuple[tuple[int, ...], int]:
+        return gc.get_threshold(), gc.get_freeze_count()
+
+    thresholds, frozen = eventloop.run(inside())
+    assert thresholds == eventloop.GC_THRESHOLDS
+    assert frozen > 0  # the modules and objects made before the loop started
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0
+
+
+def test_concurrent_runs_restore_the_collector_when_the_last_one_ends() -> None:
+    before = gc.get_threshold()
+    inner_started, inner_may_end = threading.Event(), threading.Event()
+    seen: list[tuple[int, ...]] = []
+
+    async def inner() -> None:
+        inner_started.set()
+        await asyncio.to_thread(inner_may_end.wait, 10)
+
+    async def outer() -> None:
+        thread = threading.Thread(target=eventloop.run, args=(inner(),))
+        thread.start()
+        await asyncio.to_thread(inner_started.wait, 10)
+        inner_may_end.set()
+        await asyncio.to_thread(thread.join, 10)
+        seen.append(gc.get_threshold())  # the inner run ended, this one still runs
+
+    eventloop.run(outer())
+    assert seen == [eventloop.GC_THRESHOLDS]
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
 
 async def _probe(prober: Any, targets: Iterable[Target]) -> list[ProbeResult]:
     results: list[ProbeResult] = []
