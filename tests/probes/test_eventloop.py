@@ -60,7 +60,6 @@ def test_run_propagates_the_coroutines_exception() -> None:
         eventloop.run(fail())
 
 
-
 def test_run_tunes_the_collector_while_it_runs_and_restores_it() -> None:
     before = gc.get_threshold()
 
@@ -94,6 +93,7 @@ def test_concurrent_runs_restore_the_collector_when_the_last_one_ends() -> None:
     eventloop.run(outer())
     assert seen == [eventloop.GC_THRESHOLDS]
     assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+
 
 async def _probe(prober: Any, targets: Iterable[Target]) -> list[ProbeResult]:
     results: list[ProbeResult] = []
