@@ -275,8 +275,10 @@ async def test_the_installed_command_as_a_subprocess() -> None:
 # --- hypothesis: the target syntax -----------------------------------------------------------
 
 ports = st.integers(1, 65535)
-# Anything but line breaks (str.splitlines() breaks on all of these).
-comment_chars = st.characters(blacklist_characters="\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
+# Anything but line breaks (str.splitlines() breaks on all of these), and only characters UTF-8
+# can encode (no lone surrogates: a text file cannot hold them).
+comment_chars = st.characters(codec="utf-8",
+                              blacklist_characters="\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
 hostnames = st.from_regex(
     r"[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?(\.[a-z0-9]{1,10}){0,3}", fullmatch=True
 )
@@ -340,5 +342,5 @@ def test_targets_file_parses_every_line_skipping_comments(
         lines.append(pad + text + pad + ("" if comment is None else f" # {comment}"))
         expected.append(Target(address, port))
     path = tmp_path / "targets.txt"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     assert read_targets_file(path, TargetSyntax("tcp")) == expected
