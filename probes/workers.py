@@ -413,7 +413,7 @@ class WorkerPoolProber:
             self._on_worker_lost(worker)
 
     def _on_records(self, packed: bytes) -> None:
-        """Packed results, decoded in bulk: the hot path of the pool, so `_give` is inlined."""
+        """Packed results, decoded in bulk (inlining `_give` here was not measurably faster)."""
         chunks = self._chunks
         method = self.method
         outcomes = _OUTCOMES
@@ -426,33 +426,12 @@ class WorkerPoolProber:
                 chunk = chunks.get(number)
             if chunk is None:
                 continue  # its call stopped early
-            targets = chunk.targets
-            place = key & _PLACE_MASK
-            target = targets[place]
-            if target is None:
-                continue
-            targets[place] = None
-            chunk.left -= 1
-            if chunk.left == 0:
-                del chunks[number]
-            if chunk.worker is not None:
-                chunk.worker.load -= 1
             reachable, success, rtt_source = outcomes[flags]
-            call = chunk.call
-            pacer = call.pacer
-            pacer.release_slot()
-            call.outstanding -= 1
-            call.give(
-                ProbeResult(
-                    target, method, reachable, success, failures[failure],
-                    None if rtt != rtt else rtt, started_at,
-                    {} if rtt_source is None else {"rtt_source": rtt_source},
-                )
+            self._give(
+                number, chunk, key & _PLACE_MASK, reachable, success, failures[failure],
+                None if rtt != rtt else rtt, started_at,
+                {} if rtt_source is None else {"rtt_source": rtt_source}, method,
             )  # fmt: skip
-            if call.outstanding == 0 and call.fed and not call.done.done():
-                call.done.set_result(None)
-            if self._room_at >= 0 and pacer.in_flight <= self._room_at:
-                self._room.set()
 
     def _on_rows(self, rows: list[WireResult]) -> None:
         failures = _FAILURES
