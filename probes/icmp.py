@@ -42,6 +42,7 @@ from probes.base import (
     resolve_failed,
     unanswered,
 )
+from probes.calls import ProbeCall
 
 if TYPE_CHECKING:
     from probes.pacing import Pacer
@@ -351,23 +352,17 @@ class EchoTemplate:
         return header + self.payload
 
 
-class _Call:
-    """The bookkeeping of one probe_many call: its sink, its pacer, the results still owed."""
+class _Call(ProbeCall):
+    """One probe_many call, its pacer, and the clock offset its send times are derived with."""
 
-    __slots__ = (
-        "active", "done", "error", "fed", "on_result", "outstanding", "pacer", "wall_offset",
-    )  # fmt: skip
+    __slots__ = ("active", "pacer", "wall_offset")
 
     def __init__(self, on_result: ResultSink, pacer: Pacer, done: asyncio.Future[None]) -> None:
-        self.on_result = on_result
+        super().__init__(on_result, done)
         # time.time() - time.monotonic(): wall-clock send times from the monotonic stamps.
         self.wall_offset = time.time() - time.monotonic()
         self.pacer = pacer  # in-flight slots go back to the pacer they came from
-        self.done = done
-        self.outstanding = 0
-        self.fed = False
-        self.active = True
-        self.error: BaseException | None = None
+        self.active = True  # False once probe_many returned: late answers go nowhere
 
 
 class _Pending:
@@ -883,29 +878,14 @@ class IcmpProber:
         call = entry.call
         call.pacer.release_slot()
         call.outstanding -= 1
-        if call.active and call.error is None:
-            try:
-                call.on_result(result)
-            except Exception as exc:  # the caller's sink failed: stop this call, report it there
-                call.error = exc
-                if not call.done.done():
-                    call.done.set_result(None)
-        if call.outstanding == 0 and call.fed and not call.done.done():
-            call.done.set_result(None)
+        if call.active:
+            call.give(result)
+        call.finish_if_complete()
 
     def _deliver_now(self, call: _Call, result: ProbeResult) -> None:
         """A result known without waiting for the network (blocked, send error)."""
-        self._hand_over(call, result)
-
-    def _hand_over(self, call: _Call, result: ProbeResult) -> None:
-        if not call.active or call.error is not None:
-            return
-        try:
-            call.on_result(result)
-        except Exception as exc:  # the caller's sink failed: stop this call, report it there
-            call.error = exc
-            if not call.done.done():
-                call.done.set_result(None)
+        if call.active:
+            call.give(result)
 
     def _arm_sweep(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
         # Sweep at the head's deadline, but not more often than 20 times per timeout.

@@ -41,6 +41,7 @@ from probes.base import (
     resolve_failed,
     unanswered,
 )
+from probes.calls import ProbeCall
 from probes.oserrors import TARGET_ANSWERED, failure_from_oserror, resolve_host
 from probes.pacing import Pacer
 
@@ -134,7 +135,7 @@ class _Probe:
         self.deadline = 0.0
 
 
-class _ConnectRun:
+class _ConnectRun(ProbeCall):
     """The state of one probe_many call: its epoll set, the attempts in flight, the deadlines."""
 
     def __init__(
@@ -148,18 +149,14 @@ class _ConnectRun:
         self.ports = ports
         self.timeout_s = timeout_s
         self.pacer = pacer
-        self.on_result = on_result
         self.take_slots = take_slots and pacer is not None
         self.loop = asyncio.get_running_loop()
+        super().__init__(on_result, self.loop.create_future())
         self.epoll = select.epoll()
         self.loop.add_reader(self.epoll.fileno(), self._on_ready)
         self.by_fd: dict[int, _Probe] = {}
         self.deadlines: deque[tuple[float, _Probe]] = deque()
         self.sweep_handle: asyncio.TimerHandle | None = None
-        self.outstanding = 0  # targets admitted whose result is not given yet
-        self.fed = False
-        self.error: BaseException | None = None
-        self.done: asyncio.Future[None] = self.loop.create_future()
         self.tasks: set[asyncio.Task[None]] = set()  # host-name resolutions
         self.resource_waits = 0  # attempts put off because no socket could be opened
 
@@ -178,7 +175,7 @@ class _ConnectRun:
                 break
             address = target.address
             if has_blocklist and pacer is not None and pacer.is_blocked(address):
-                self._give(blocked_result(target, "tcp", wall()))
+                self.give(blocked_result(target, "tcp", wall()))
                 continue
             if self.take_slots and pacer is not None:
                 await pacer.acquire_slot()
@@ -363,24 +360,13 @@ class _ConnectRun:
 
     def _complete(self, probe: _Probe, result: ProbeResult) -> None:
         self._release(probe)
-        self._give(result)
-        if self.outstanding == 0 and self.fed and not self.done.done():
-            self.done.set_result(None)
+        self.give(result)
+        self.finish_if_complete()
 
     def _release(self, probe: _Probe) -> None:
         self.outstanding -= 1
         if self.take_slots and self.pacer is not None:
             self.pacer.release_slot()
-
-    def _give(self, result: ProbeResult) -> None:
-        if self.error is not None:
-            return
-        try:
-            self.on_result(result)
-        except Exception as exc:  # the caller's sink failed: stop this call, report it there
-            self.error = exc
-            if not self.done.done():
-                self.done.set_result(None)
 
     def _arm_sweep(self, when: float) -> None:
         # Sweep at the head's deadline, but not more often than 20 times per timeout.

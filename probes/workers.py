@@ -46,6 +46,7 @@ from probes.base import (
     Target,
     blocked_result,
 )
+from probes.calls import ProbeCall
 from probes.pacing import Blocklist, Pacer, PacingPolicy
 
 # method -> "module:class" of the prober a worker runs.
@@ -118,32 +119,14 @@ class _Worker:
         self.reader_task: asyncio.Task[None] | None = None
 
 
-class _PoolCall:
-    """One probe_many call: its sink and pacer, the results still owed, the error to raise."""
+class _PoolCall(ProbeCall):
+    """One probe_many call, and the pacer whose in-flight slots its results give back."""
 
-    __slots__ = ("done", "error", "fed", "on_result", "outstanding", "pacer")
+    __slots__ = ("pacer",)
 
     def __init__(self, on_result: ResultSink, pacer: Pacer, done: asyncio.Future[None]) -> None:
-        self.on_result = on_result
+        super().__init__(on_result, done)
         self.pacer = pacer
-        self.done = done
-        self.outstanding = 0
-        self.fed = False
-        self.error: BaseException | None = None
-
-    def give(self, result: ProbeResult) -> None:
-        if self.error is not None:
-            return
-        try:
-            self.on_result(result)
-        except Exception as exc:  # the caller's sink failed: stop this call, report it there
-            self.fail(exc)
-
-    def fail(self, exc: BaseException) -> None:
-        if self.error is None:
-            self.error = exc
-        if not self.done.done():
-            self.done.set_result(None)
 
 
 class _Chunk:
@@ -476,8 +459,7 @@ class WorkerPoolProber:
         call.give(
             ProbeResult(target, method, reachable, success, failure, rtt, started_at, details)
         )
-        if call.outstanding == 0 and call.fed and not call.done.done():
-            call.done.set_result(None)
+        call.finish_if_complete()
         if self._room_at >= 0 and pacer.in_flight <= self._room_at:
             self._room.set()
 
