@@ -72,19 +72,21 @@ def _setns(path: str) -> None:
 
 
 def run_in_netns(
-    ns: Netns,
+    ns: Netns | str,
     factory: Callable[[], Awaitable[T]],
     timeout: float = 120.0,
     runner: Callable[[Coroutine[Any, Any, T]], T] = asyncio.run,
 ) -> T:
-    """Run `factory()` to completion on a new event loop in a thread inside `ns`.
+    """Run `factory()` to completion on a new event loop in a thread inside `ns` (a Netns, or
+    the name of a namespace someone else made, such as the lab's).
 
     runner: what runs the coroutine (asyncio.run; probes.eventloop.run for the shipped loop)."""
+    name = ns if isinstance(ns, str) else ns.name
     box: dict[str, object] = {}
 
     def target() -> None:
         try:
-            _setns(ns.path)
+            _setns(f"/run/netns/{name}")
 
             async def main() -> T:
                 return await factory()
@@ -93,11 +95,11 @@ def run_in_netns(
         except BaseException as exc:
             box["error"] = exc
 
-    thread = threading.Thread(target=target, name=f"netns-{ns.name}", daemon=True)
+    thread = threading.Thread(target=target, name=f"netns-{name}", daemon=True)
     thread.start()
     thread.join(timeout)
     if thread.is_alive():
-        raise TimeoutError(f"coroutine in namespace {ns.name} did not finish in {timeout} s")
+        raise TimeoutError(f"coroutine in namespace {name} did not finish in {timeout} s")
     if "error" in box:
         raise box["error"]  # type: ignore[misc]
     return box["value"]  # type: ignore[return-value]

@@ -16,12 +16,11 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import yaml
@@ -32,16 +31,15 @@ from monitor.config import load_config
 from monitor.daemon import Daemon
 from monitor.history import HistoryStore
 from monitor.lab.conditions import Applier
-from monitor.lab.runner import join_netns, lab_config
+from monitor.lab.runner import lab_config
 from monitor.lab.scenarios import CONTROL_COUNTRIES, Scenario, nationwide_shutdown
 from monitor.lab.topology import Lab
 from monitor.lab.world import World, build_world
-from tests.netns import needs_root
+from tests.netns import needs_root, run_in_netns
 from tests.scale.storage import VictoriaMetrics, needs_victoria_metrics
 
 pytestmark = [needs_root, needs_victoria_metrics, pytest.mark.slow]
 
-T = TypeVar("T")
 Key = tuple[str, int]
 VANTAGES = ("ams", "fra")
 STORAGE_DOWN = (20, 28)  # rounds
@@ -103,26 +101,6 @@ class Participant(VirtualClock):
         finally:
             step.waiting.pop(self, None)
         await asyncio.sleep(0)
-
-
-def in_namespace(name: str, factory: Callable[[], Awaitable[T]], timeout: float) -> T:
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            join_netns(name)
-            box["value"] = asyncio.run(factory())  # type: ignore[arg-type]
-        except BaseException as exc:
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, name=f"lab-{name}", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        raise TimeoutError(f"lab scenario did not finish in {timeout} s")
-    if "error" in box:
-        raise box["error"]
-    return box["value"]  # type: ignore[no-any-return]
 
 
 class LabFleet:
@@ -246,7 +224,7 @@ def test_two_vantages_two_shards_in_the_lab(tmp_path: Path) -> None:
     world = build_world()
     prefix = f"sc{os.getpid() % 100000}"
     with Lab(world, prefix=prefix) as lab:
-        result = in_namespace(lab.vantage, lambda: lab_scenario(world, lab, tmp_path),
+        result = run_in_netns(lab.vantage, lambda: lab_scenario(world, lab, tmp_path),
                               timeout=600)
     scenario: Scenario = result["scenario"]
     buffered, failures = result["during_outage"]
