@@ -834,17 +834,16 @@ class _Engine:
                     """Sums over the `length` bins ending at each bin of this block."""
                     return [c[:, k:k + n] - c[:, k - length:k - length + n] for c in sums]
 
-                su, st, se, _ = last(k)
-                pooled = _wilson_upper(su, st, cfg.pool_z * widen) / (se / st)
-                # pooling only deepens a bin that is itself low, so recoveries end on time
-                joint = pooled
+                joint = np.full(level.shape, np.inf)
                 for length in range(2, k + 1):
                     su, st, se, n_low = last(length)
-                    bound = np.where(n_low >= length,
-                                     _wilson_upper(su, st, cfg.pool_z * widen) / (se / st),
-                                     np.inf)
+                    pooled = _wilson_upper(su, st, cfg.pool_z * widen) / (se / st)
+                    if length == k:  # the last k bins, low or not (a silence inside them)
+                        joint = np.fmin(joint, pooled)
+                    bound = np.where(n_low >= length, pooled, np.inf)
                     span = np.where(bound < cfg.warning, length, span)  # longest proof wins
                     joint = np.fmin(joint, bound)
+                # pooling only deepens a bin that is itself low, so recoveries end on time
                 wilson = np.where(level < cfg.warning, np.fmin(wilson, joint), wilson)
         counted = has_total & np.isfinite(wilson)
         warmup = np.where(known_noise, -np.inf, by_noise)  # counts with no history yet
@@ -1093,13 +1092,15 @@ def _codes(column: pd.Series) -> tuple[I64, list[str]]:
     return np.asarray(codes, dtype=np.int64), [str(u) for u in uniques]
 
 
-def _feed_frame(engine: _Engine, frame: pd.DataFrame) -> None:
+def _feed_frame(engine: _Engine, frame: pd.DataFrame, secs: I64 | None = None) -> None:
+    """secs: the frame's times in Unix seconds, when the caller has them already."""
     missing = [c for c in COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(f"detect: frame lacks columns {missing}; expected {list(COLUMNS)}")
     if frame.empty:
         return
-    secs = _time_seconds(frame["time"])
+    if secs is None:
+        secs = _time_seconds(frame["time"])
     values = np.asarray(frame["value"], dtype=np.float64)
     parts = [_codes(frame[c]) for c in ("country", "scope", "entity", "signal")]
     key = np.zeros(len(frame), dtype=np.int64)
@@ -1187,9 +1188,8 @@ def _window(frame: pd.DataFrame, now: datetime | None) -> pd.DataFrame:
     return frame[times <= pd.Timestamp(now)]
 
 
-def _offline_engine(cfg: DetectorConfig, frame: pd.DataFrame) -> _Engine:
-    """An engine whose bins fit the frame: its step (unless configured) and its phase."""
-    secs = _time_seconds(frame["time"])
+def _offline_engine(cfg: DetectorConfig, secs: I64) -> _Engine:
+    """An engine whose bins fit the data's times: their step (unless configured), their phase."""
     bin_seconds = cfg.bin_seconds or infer_bin_seconds(secs)
     return _Engine(cfg, bin_seconds, infer_bin_phase(secs, bin_seconds))
 
@@ -1205,8 +1205,9 @@ def detect(frame: pd.DataFrame, *, now: datetime | None = None,
     frame = _window(frame, now)
     if frame.empty:
         return []
-    engine = _offline_engine(cfg, frame)
-    _feed_frame(engine, frame)
+    secs = _time_seconds(frame["time"])
+    engine = _offline_engine(cfg, secs)
+    _feed_frame(engine, frame, secs)
     return engine.incidents()
 
 
@@ -1224,10 +1225,11 @@ def detect_with_baselines(frame: pd.DataFrame, country: str, *, now: datetime | 
     columns = ["time", "scope", "entity", "signal", "value", "baseline"]
     if frame.empty:
         return [], pd.DataFrame(columns=columns)
-    engine = _offline_engine(cfg, frame)
+    secs = _time_seconds(frame["time"])
+    engine = _offline_engine(cfg, secs)
     bin_seconds = engine.bin_seconds
     engine.trace_country = country
-    _feed_frame(engine, frame)
+    _feed_frame(engine, frame, secs)
     trace = [t for t in engine.trace if len(t[1])]
     if not trace:
         return engine.incidents(), pd.DataFrame(columns=columns)
