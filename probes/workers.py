@@ -76,8 +76,6 @@ _OUTCOMES = [
     (bool(flags & 1), bool(flags & 2), _RTT_SOURCES[flags >> 2] if flags >> 2 < 3 else None)
     for flags in range(16)
 ]
-# The worker's garbage collector thresholds (the defaults are 700, 10, 10).
-_GC_THRESHOLDS = eventloop.GC_THRESHOLDS
 # How often a worker's counters ride along with its results (they always come with its goodbye).
 _COUNTERS_EVERY_S = 0.2
 _PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
@@ -527,7 +525,9 @@ async def _serve(sock: socket.socket) -> None:
         await writer.drain()
         return
     writer.write(_frame(("ready", info)))
-    _tune_gc()
+    # eventloop.run (main) raised the collector's thresholds and froze what start-up made;
+    # the prober's own set-up lives as long as the worker too
+    gc.freeze()
     blocklist = Blocklist()
     packed = bytearray()
     rows: list[WireResult] = []
@@ -645,15 +645,6 @@ class _Paced(Pacer):
 
     def release_slot(self) -> None:
         pass
-
-
-def _tune_gc() -> None:
-    """A worker holds up to rate x timeout probes in flight, a few objects each that live for
-    the timeout; with the default thresholds the collector rescans them over and over (A/B:
-    ~1 µs of CPU per probe). The probe path makes no reference cycles, so collecting young
-    objects 70 times less often costs little memory; what start-up made is frozen."""
-    gc.freeze()
-    gc.set_threshold(*_GC_THRESHOLDS)
 
 
 def _row(key: int, result: ProbeResult) -> WireResult:
