@@ -188,10 +188,8 @@ def other_seeds(countries: int, days: int, seeds: tuple[int, ...] = (11, 23)) ->
         res = evaluate(ours(scenario.frame)[0], scenario)
         recall = ", ".join(f"{shape} {sc.found}/{sc.required}"
                            for shape, sc in sorted(res.shapes.items()))
-        false = defaultdict(int)
-        for (kind, severity), per_year in res.false.items():
-            false[f"{kind}/{severity}"] = round(per_year * res.country_years)
-        text = ", ".join(f"{k}: {v}" for k, v in sorted(false.items())) or "none"
+        text = ", ".join(f"{kind}/{severity}: {round(per_year * res.country_years)}"
+                         for (kind, severity), per_year in sorted(res.false.items())) or "none"
         lines.append(f"| {seed} | {recall} | {text} (over {res.country_years:.1f} "
                      "country-years) |")
     return lines
