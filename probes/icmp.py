@@ -38,14 +38,13 @@ from probes.base import (
     ProbeSetupError,
     ResultSink,
     Target,
-    blocked_result,
-    resolve_failed,
     unanswered,
 )
 from probes.calls import ProbeCall
+from probes.records import Records
 
 if TYPE_CHECKING:
-    from probes.pacing import Pacer
+    from probes.pacing import Blocklist, Pacer
 
 METHOD = "icmp"
 
@@ -353,16 +352,70 @@ class EchoTemplate:
 
 
 class _Call(ProbeCall):
-    """One probe_many call, its pacer, and the clock offset its send times are derived with."""
+    """One probe_many call: its pacer, the clock offset its send times are derived with, and
+    how a result is handed over. Here a probe's `ref` is its Target and a result a ProbeResult
+    for the caller's sink; _KeyedCall hands over records instead."""
 
-    __slots__ = ("active", "pacer", "wall_offset")
+    __slots__ = ("active", "pacer", "screens_literals", "wall_offset")
 
-    def __init__(self, on_result: ResultSink, pacer: Pacer, done: asyncio.Future[None]) -> None:
+    def __init__(
+        self, on_result: ResultSink, pacer: Pacer | None, done: asyncio.Future[None]
+    ) -> None:
         super().__init__(on_result, done)
         # time.time() - time.monotonic(): wall-clock send times from the monotonic stamps.
         self.wall_offset = time.time() - time.monotonic()
         self.pacer = pacer  # in-flight slots go back to the pacer they came from
+        # Blocklists are immutable: with an empty one, skip the per-target lookup.
+        self.screens_literals = pacer is not None and len(pacer.blocklist) > 0
         self.active = True  # False once probe_many returned: late answers go nowhere
+
+    def is_blocked(self, address: str) -> bool:
+        return self.pacer is not None and self.pacer.is_blocked(address)
+
+    def answered(
+        self, ref: Any, rtt: float, rtt_source: str, started_at: float, ttl: int | None = None
+    ) -> None:
+        details: dict[str, Any] = {"rtt_source": rtt_source}
+        if ttl is not None:
+            details["ttl"] = ttl
+        self.give(ProbeResult(ref, METHOD, True, True, None, rtt, started_at, details))
+
+    def ended(
+        self, ref: Any, failure: Failure, started_at: float, details: dict[str, Any] | None = None
+    ) -> None:
+        self.give(unanswered(ref, METHOD, failure, started_at, details))
+
+
+class _KeyedCall(_Call):
+    """A probe_keyed call: a probe's `ref` is the caller's integer key, results go into
+    `records` with no Target or ProbeResult made. No pacer: the caller paced every probe."""
+
+    __slots__ = ("blocklist", "records")
+
+    def __init__(self, records: Records, blocklist: Blocklist, done: asyncio.Future[None]) -> None:
+        super().__init__(_no_sink, None, done)
+        self.records = records
+        self.blocklist = blocklist
+
+    def is_blocked(self, address: str) -> bool:
+        return self.blocklist.contains(address)
+
+    def answered(
+        self, ref: Any, rtt: float, rtt_source: str, started_at: float, ttl: int | None = None
+    ) -> None:
+        if ttl is None:
+            self.records.answered(ref, rtt, rtt_source, started_at)
+        else:
+            self.records.answered(ref, rtt, rtt_source, started_at, {"ttl": ttl})
+
+    def ended(
+        self, ref: Any, failure: Failure, started_at: float, details: dict[str, Any] | None = None
+    ) -> None:
+        self.records.ended(ref, failure, started_at, details or {})
+
+
+def _no_sink(result: ProbeResult) -> None:
+    raise AssertionError("a keyed call hands over records, not ProbeResults")
 
 
 class _Pending:
@@ -372,11 +425,11 @@ class _Pending:
     prober's timeout and the wall-clock send time is `sent_mono` plus the call's offset.
     """
 
-    __slots__ = ("answered", "call", "key", "sent_mono", "target")
+    __slots__ = ("answered", "call", "key", "ref", "sent_mono")
 
-    def __init__(self, key: tuple[str, int], target: Target, call: _Call, sent_mono: float) -> None:
+    def __init__(self, key: tuple[str, int], ref: Any, call: _Call, sent_mono: float) -> None:
         self.key = key
-        self.target = target
+        self.ref = ref  # what the call knows the target by (_Call: the Target; _KeyedCall: a key)
         self.call = call
         self.sent_mono = sent_mono
         self.answered = False
@@ -496,6 +549,27 @@ class IcmpProber:
     async def probe_many(
         self, targets: Iterable[Target], pacer: Pacer, on_result: ResultSink
     ) -> None:
+        await self._run(_Call(on_result, pacer, self._claim_loop().create_future()),
+                        ((target, target.address) for target in targets))  # fmt: skip
+
+    async def probe_keyed(
+        self, pairs: Iterable[tuple[int, str]], records: Records, blocklist: Blocklist
+    ) -> None:
+        """Probe (key, address) pairs, handing results over as `records` under their keys:
+        the worker pool's path, with no Target and no ProbeResult made per probe.
+
+        Nothing is paced here: the caller's Pacer admitted every target before handing it over
+        (rates, in-flight cap, the blocklist). `blocklist` screens only the addresses host
+        names resolve to here."""
+        call = _KeyedCall(records, blocklist, self._claim_loop().create_future())
+        await self._run(call, pairs)
+
+    async def close(self) -> None:
+        """Close the sockets; probes still in flight are released without a result."""
+        self._closed = True
+        self._reset()
+
+    def _claim_loop(self) -> asyncio.AbstractEventLoop:
         if self._closed:
             raise ProbeSetupError("icmp: probe_many on a closed prober")
         loop = asyncio.get_running_loop()
@@ -504,10 +578,12 @@ class IcmpProber:
                 raise ProbeSetupError("icmp: the prober is in use on another event loop")
             self._reset()  # an earlier asyncio.run() is over: reopen the sockets on this loop
         self._loop = loop
-        call = _Call(on_result, pacer, loop.create_future())
+        return loop
+
+    async def _run(self, call: _Call, pairs: Iterable[tuple[Any, str]]) -> None:
         self._calls.add(call)
         try:
-            await self._feed(targets, pacer, call, loop)
+            await self._feed(pairs, call, asyncio.get_running_loop())
             call.fed = True
             if call.outstanding:
                 await call.done
@@ -516,11 +592,6 @@ class IcmpProber:
         finally:
             call.active = False
             self._calls.discard(call)
-
-    async def close(self) -> None:
-        """Close the sockets; probes still in flight are released without a result."""
-        self._closed = True
-        self._reset()
 
     def _reset(self) -> None:
         """Forget sockets, timers and probes in flight (on close, or before moving loops)."""
@@ -533,7 +604,7 @@ class IcmpProber:
             endpoint.close()
         self._endpoints.clear()
         for entry in self._deadlines:  # every probe not yet swept, answered or not
-            if not entry.answered:
+            if not entry.answered and entry.call.pacer is not None:
                 entry.call.pacer.release_slot()
         self._pending.clear()
         self._deadlines.clear()
@@ -546,17 +617,15 @@ class IcmpProber:
     # -- sending --------------------------------------------------------------------------
 
     async def _feed(
-        self, targets: Iterable[Target], pacer: Pacer, call: _Call, loop: asyncio.AbstractEventLoop
+        self, pairs: Iterable[tuple[Any, str]], call: _Call, loop: asyncio.AbstractEventLoop
     ) -> None:
+        """Send an echo to each (ref, address), paced by the call's pacer when it has one."""
         pending = self._pending
         deadlines = self._deadlines
         stats = self.stats
         timeout = self.timeout_s
-        is_blocked = pacer.is_blocked
-        # Blocklists are immutable: with an empty one, skip the per-target lookup.
-        has_blocklist = len(pacer.blocklist) > 0
-        reserve = pacer.reserve
-        acquire_slot = pacer.acquire_slot
+        pacer = call.pacer
+        screens_literals = call.screens_literals
         monotonic = time.monotonic
         wall = time.time
         # Wall-clock send times from the monotonic stamp: one clock read per probe, not two.
@@ -564,13 +633,12 @@ class IcmpProber:
         inet_pton = socket.inet_pton
         af_inet = socket.AF_INET
         since_yield = 0
-        for target in targets:
+        for ref, address in pairs:
             if call.error is not None:
                 return
-            address = target.address
-            if has_blocklist and is_blocked(address):
+            if screens_literals and call.is_blocked(address):
                 stats.blocked += 1
-                self._deliver_now(call, blocked_result(target, METHOD, wall()))
+                self._deliver_now(call, ref, Failure.BLOCKED_BY_POLICY, wall())
                 continue
             # The reply's source comes back in canonical form; IPv4 literals that inet_pton
             # accepts already are canonical, IPv6 ones are normalised here.
@@ -579,17 +647,19 @@ class IcmpProber:
                 v6 = False
                 key_address = address
             except OSError:
-                resolved = await self._resolve(address, target, call, loop, pacer)
+                resolved = await self._resolve(address, ref, call, loop)
                 if resolved is None:
                     continue
                 key_address, v6 = resolved
             endpoint = self._endpoints.get(v6) or self._endpoint(v6)
-            await acquire_slot()
+            if pacer is not None:
+                await pacer.acquire_slot()
             try:
-                delay = reserve(key_address)
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                    since_yield = 0
+                if pacer is not None:
+                    delay = pacer.reserve(key_address)
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                        since_yield = 0
                 seq = endpoint.seq = (endpoint.seq + 1) & 0xFFFF
                 packet = endpoint.template.packet(seq)
                 sent_mono = monotonic()
@@ -600,20 +670,19 @@ class IcmpProber:
                 except OSError:  # a full buffer, or a route error: the slow path sorts it out
                     error = await self._send(endpoint, packet, key_address)
                 if error is not None:
-                    pacer.release_slot()
+                    if pacer is not None:
+                        pacer.release_slot()
                     stats.send_errors += 1
-                    self._deliver_now(
-                        call,
-                        unanswered(target, METHOD, failure_for_send_error(error), started_at,
-                                   {"errno": errno.errorcode.get(error, str(error))}),
-                    )  # fmt: skip
+                    details = {"errno": errno.errorcode.get(error, str(error))}
+                    self._deliver_now(call, ref, failure_for_send_error(error), started_at, details)
                     continue
             except BaseException:  # cancelled or failed before the probe was in flight
-                pacer.release_slot()
+                if pacer is not None:
+                    pacer.release_slot()
                 raise
             stats.sent += 1
             key = (key_address, seq)
-            entry = _Pending(key, target, call, sent_mono)
+            entry = _Pending(key, ref, call, sent_mono)
             pending[key] = entry
             deadlines.append(entry)
             call.outstanding += 1
@@ -625,12 +694,7 @@ class IcmpProber:
                 await asyncio.sleep(0)
 
     async def _resolve(
-        self,
-        address: str,
-        target: Target,
-        call: _Call,
-        loop: asyncio.AbstractEventLoop,
-        pacer: Pacer,
+        self, address: str, ref: Any, call: _Call, loop: asyncio.AbstractEventLoop
     ) -> tuple[str, bool] | None:
         """IPv6 literal -> canonical form; host name -> its first address. None: result given."""
         try:
@@ -643,13 +707,14 @@ class IcmpProber:
         try:
             infos = await loop.getaddrinfo(address, None, type=socket.SOCK_DGRAM)
         except (OSError, UnicodeError) as exc:
-            self._deliver_now(call, resolve_failed(target, METHOD, started_at, exc))
+            self._deliver_now(call, ref, Failure.RESOLVE_ERROR, started_at,
+                              {"error": str(exc) or type(exc).__name__})  # fmt: skip
             return None
         family, _kind, _proto, _name, sockaddr = infos[0]
         resolved = str(sockaddr[0])
-        if pacer.is_blocked(resolved):
+        if call.is_blocked(resolved):
             self.stats.blocked += 1
-            self._deliver_now(call, blocked_result(target, METHOD, started_at))
+            self._deliver_now(call, ref, Failure.BLOCKED_BY_POLICY, started_at)
             return None
         return resolved, family == socket.AF_INET6
 
@@ -756,11 +821,10 @@ class IcmpProber:
                     rtt, rtt_source = honest_rtt(
                         kernel_receive_time(ancdata), wall(), monotonic() - entry.sent_mono
                     )
-                    self._finish(
-                        entry,
-                        ProbeResult(entry.target, METHOD, True, True, None, rtt, entry.started_at,
-                                    {"rtt_source": rtt_source}),
-                    )  # fmt: skip
+                    call = self._settle(entry)
+                    if call.active:
+                        call.answered(entry.ref, rtt, rtt_source, entry.started_at)
+                    call.finish_if_complete()
                 continue
             parsed = parse_icmp6(data) if v6 else parse_icmp4(data, raw)
             if parsed is None:
@@ -793,13 +857,10 @@ class IcmpProber:
             return
         rtt, rtt_source = honest_rtt(received, time.time(), time.monotonic() - entry.sent_mono)
         stats.echo_replies += 1
-        details: dict[str, Any] = {"rtt_source": rtt_source}
-        if parsed.ttl is not None:
-            details["ttl"] = parsed.ttl
-        self._finish(
-            entry,
-            ProbeResult(entry.target, METHOD, True, True, None, rtt, entry.started_at, details),
-        )
+        call = self._settle(entry)
+        if call.active:
+            call.answered(entry.ref, rtt, rtt_source, entry.started_at, parsed.ttl)
+        call.finish_if_complete()
 
     def _on_error(
         self,
@@ -831,7 +892,7 @@ class IcmpProber:
         if reporter is not None:
             details["reported_by"] = reporter
         failure = failure_for_icmp_error(endpoint.v6, parsed.icmp_type, parsed.code)
-        self._finish(entry, unanswered(entry.target, METHOD, failure, entry.started_at, details))
+        self._finish(entry, failure, details)
 
     def _drain_error_queue(self, endpoint: _Endpoint) -> None:
         """Read ICMP errors a datagram socket queued (IP_RECVERR): the data is our own echo
@@ -872,20 +933,37 @@ class IcmpProber:
 
     # -- completion -----------------------------------------------------------------------
 
-    def _finish(self, entry: _Pending, result: ProbeResult) -> None:
-        """Hand over the result of a probe in flight; the entry stays until its deadline."""
+    def _settle(self, entry: _Pending) -> _Call:
+        """A probe in flight has its outcome: give its slot back. The caller then hands the
+        result to the call (if still active) and lets it finish. The entry stays until its
+        deadline, to recognise duplicates."""
         entry.answered = True
         call = entry.call
-        call.pacer.release_slot()
+        if call.pacer is not None:
+            call.pacer.release_slot()
         call.outstanding -= 1
+        return call
+
+    def _finish(
+        self, entry: _Pending, failure: Failure, details: dict[str, Any] | None = None
+    ) -> None:
+        """A probe in flight ended without an answer."""
+        call = self._settle(entry)
         if call.active:
-            call.give(result)
+            call.ended(entry.ref, failure, entry.started_at, details)
         call.finish_if_complete()
 
-    def _deliver_now(self, call: _Call, result: ProbeResult) -> None:
+    def _deliver_now(
+        self,
+        call: _Call,
+        ref: Any,
+        failure: Failure,
+        started_at: float,
+        details: dict[str, Any] | None = None,
+    ) -> None:
         """A result known without waiting for the network (blocked, send error)."""
         if call.active:
-            call.give(result)
+            call.ended(ref, failure, started_at, details)
 
     def _arm_sweep(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
         # Sweep at the head's deadline, but not more often than 20 times per timeout.
@@ -906,7 +984,6 @@ class IcmpProber:
                 del pending[entry.key]
             if not entry.answered:
                 stats.timeouts += 1
-                self._finish(entry, unanswered(entry.target, METHOD, Failure.TIMEOUT,
-                                               entry.started_at))
+                self._finish(entry, Failure.TIMEOUT)
         if deadlines:
             self._arm_sweep(loop, deadlines[0].sent_mono + self.timeout_s)

@@ -5,9 +5,11 @@ the rates before a target is handed to a worker, and a slot comes back when the 
 does. Workers probe what they are given at once. The hand-over is priced per chunk, not per
 probe, as it is a good part of a ~10 µs ICMP probe: a chunk of targets travels as a list of
 address strings (plus the few targets that carry a port, URL or query), and results come back
-as fixed-size packed records (key, outcome flags, failure code, RTT, send time) decoded in bulk;
-only a result with more details than its RTT source travels as a pickled row. A key is the
-chunk's number and the target's place in it, so the parent's bookkeeping is one entry per chunk.
+as fixed-size packed records (probes/records.py: key, outcome flags, failure code, RTT, send
+time) decoded in bulk; only a result with more details than its RTT source travels as a pickled
+row. A key is the chunk's number and the target's place in it, so the parent's bookkeeping is
+one entry per chunk. An ICMP worker goes further: IcmpProber.probe_keyed takes (key, address)
+pairs and writes the records itself, with no Target and no ProbeResult made in the worker.
 
 Workers are `python -m probes.workers FD` processes started from the calling thread, so they
 live in that thread's network namespace. ICMP datagram sockets get a distinct echo id per
@@ -25,7 +27,6 @@ import contextlib
 import gc
 import importlib
 import itertools
-import math
 import os
 import pickle
 import signal
@@ -48,6 +49,7 @@ from probes.base import (
 )
 from probes.calls import ProbeCall
 from probes.pacing import Blocklist, Pacer, PacingPolicy
+from probes.records import Records, Row, decode
 
 # method -> "module:class" of the prober a worker runs.
 PROBER_CLASSES = {
@@ -64,27 +66,13 @@ _PLACE_MASK = CHUNK - 1
 # The longest the feeder waits for a batch of free slots before taking them one by one.
 _ROOM_WAIT_S = 0.005
 _FRAME = struct.Struct("!I")
-_FAILURES = {str(f): f for f in Failure}
-# A packed result: key, flags (bit 0 reachable, bit 1 success, bits 2-3 the details: none, or
-# rtt_source kernel / loop), failure code (an index in _FAILURE_CODES), RTT (NaN: none), sent at.
-_RECORD = struct.Struct("<qBBdd")
-_FAILURE_CODES: tuple[Failure | None, ...] = (None, *Failure)
-_FAILURE_CODE = {failure: code for code, failure in enumerate(_FAILURE_CODES)}
-_RTT_SOURCES: tuple[str | None, ...] = (None, "kernel", "loop")
-_RTT_SOURCE_CODE = {"kernel": 1, "loop": 2}
-_OUTCOMES = [
-    (bool(flags & 1), bool(flags & 2), _RTT_SOURCES[flags >> 2] if flags >> 2 < 3 else None)
-    for flags in range(16)
-]
 # How often a worker's counters ride along with its results (they always come with its goodbye).
 _COUNTERS_EVERY_S = 0.2
 _PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 
 # A chunk on the wire: ("probe", first key, addresses, {place: (port, url, query)} for the targets
-# that have any of those). A result not packed: (key, reachable, success, failure name or None,
-# rtt_s, started_at, details).
+# that have any of those). Results come back as ("results", packed records, rows, counters).
 WireExtras = dict[int, tuple[int | None, str | None, Any]]
-WireResult = tuple[int, bool, bool, str | None, float | None, float, dict[str, Any]]
 
 
 def _frame(message: object) -> bytes:
@@ -383,8 +371,7 @@ class WorkerPoolProber:
             while True:
                 message = await _read_frame(worker.reader)
                 if message[0] == "results":
-                    self._on_records(message[1])
-                    self._on_rows(message[2])
+                    self._on_results(message[1], message[2])
                     if message[3] is not None:
                         worker.stats = message[3]
                 elif message[0] == "error":
@@ -393,38 +380,18 @@ class WorkerPoolProber:
         except (asyncio.IncompleteReadError, ConnectionError):
             self._on_worker_lost(worker)
 
-    def _on_records(self, packed: bytes) -> None:
-        """Packed results, decoded in bulk (inlining `_give` here was not measurably faster)."""
+    def _on_results(self, packed: bytes, rows: list[Row]) -> None:
         chunks = self._chunks
         method = self.method
-        outcomes = _OUTCOMES
-        failures = _FAILURE_CODES
         number = -1
         chunk: _Chunk | None = None
-        for key, flags, failure, rtt, started_at in _RECORD.iter_unpack(packed):
+        for key, reachable, success, failure, rtt, started_at, details in decode(packed, rows):
             if key >> _CHUNK_BITS != number:
                 number = key >> _CHUNK_BITS
                 chunk = chunks.get(number)
-            if chunk is None:
-                continue  # its call stopped early
-            reachable, success, rtt_source = outcomes[flags]
-            self._give(
-                number, chunk, key & _PLACE_MASK, reachable, success, failures[failure],
-                None if rtt != rtt else rtt, started_at,
-                {} if rtt_source is None else {"rtt_source": rtt_source}, method,
-            )  # fmt: skip
-
-    def _on_rows(self, rows: list[WireResult]) -> None:
-        failures = _FAILURES
-        for key, reachable, success, failure, rtt, started_at, details in rows:
-            number = key >> _CHUNK_BITS
-            chunk = self._chunks.get(number)
-            if chunk is not None:
-                self._give(
-                    number, chunk, key & _PLACE_MASK, reachable, success,
-                    None if failure is None else failures.get(failure, Failure.OTHER),
-                    rtt, started_at, details, self.method,
-                )  # fmt: skip
+            if chunk is not None:  # else its call stopped early
+                self._give(number, chunk, key & _PLACE_MASK, reachable, success, failure, rtt,
+                           started_at, details, method)  # fmt: skip
 
     def _give(
         self,
@@ -529,11 +496,11 @@ async def _serve(sock: socket.socket) -> None:
     # the prober's own set-up lives as long as the worker too
     gc.freeze()
     blocklist = Blocklist()
-    packed = bytearray()
-    rows: list[WireResult] = []
     tasks: set[asyncio.Task[None]] = set()
     stats = getattr(prober, "stats", None)
     counters_sent = 0.0
+    # The ICMP prober writes records itself: no Target and no ProbeResult per probe.
+    keyed = getattr(prober, "probe_keyed", None)
 
     def counters() -> dict[str, int] | None:
         return stats.as_dict() if stats is not None and hasattr(stats, "as_dict") else None
@@ -544,9 +511,11 @@ async def _serve(sock: socket.socket) -> None:
         fresh = now - counters_sent >= _COUNTERS_EVERY_S
         if fresh:
             counters_sent = now
-        writer.write(_frame(("results", bytes(packed), rows[:], counters() if fresh else None)))
-        packed.clear()
-        rows.clear()
+        packed, rows = records.take()
+        writer.write(_frame(("results", packed, rows, counters() if fresh else None)))
+
+    # One frame per burst of results: the first result after a flush schedules the next.
+    records = Records(on_first=lambda: loop.call_soon(flush))
 
     async def probe(
         first_key: int,
@@ -555,41 +524,24 @@ async def _serve(sock: socket.socket) -> None:
         blocklist: Blocklist,
         fed: asyncio.Event,
     ) -> None:
-        targets: list[Target] = []
-        keys: dict[int, int] = {}  # id(target) -> key
-        pack = _RECORD.pack
-        failure_code = _FAILURE_CODE
-        source_code = _RTT_SOURCE_CODE
-
-        def lazily() -> Iterator[Target]:
-            yield from targets
+        def fed_after(items: Iterable[Any]) -> Iterator[Any]:
+            yield from items
             fed.set()
 
-        def sink(result: ProbeResult) -> None:
-            if not packed and not rows:
-                loop.call_soon(flush)  # one frame per burst of results
-            key = keys[id(result.target)]
-            details = result.details
-            source = 0
-            if details:
-                value = details.get("rtt_source")
-                if len(details) == 1 and isinstance(value, str):
-                    source = source_code.get(value, 0)
-                if not source:  # more to say than the RTT source
-                    rows.append(_row(key, result))
-                    return
-            rtt = result.rtt_s
-            packed.extend(pack(
-                key, result.reachable | result.success << 1 | source << 2,
-                failure_code[result.failure], math.nan if rtt is None else rtt, result.started_at,
-            ))  # fmt: skip
-
         try:  # a chunk it cannot read fails the calls in the parent, it does not hang them
+            if keyed is not None:
+                pairs = zip(itertools.count(first_key), addresses, strict=False)
+                await keyed(fed_after(pairs), records, blocklist)
+                return
             targets = list(map(Target, addresses))
             for place, (port, url, query) in extras.items():
                 targets[place] = Target(addresses[place], port, url, query)
             keys = dict(zip(map(id, targets), itertools.count(first_key), strict=False))
-            await prober.probe_many(lazily(), _Paced(blocklist), sink)
+
+            def sink(result: ProbeResult) -> None:
+                records.result(keys[id(result.target)], result)
+
+            await prober.probe_many(fed_after(targets), _Paced(blocklist), sink)
         except Exception as exc:
             writer.write(_frame(("error", f"{type(exc).__name__}: {exc}")))
         finally:
@@ -625,7 +577,8 @@ async def _serve(sock: socket.socket) -> None:
             task.cancel()
         await prober.close()
         with contextlib.suppress(Exception):
-            writer.write(_frame(("results", bytes(packed), rows[:], counters())))
+            packed, rows = records.take()
+            writer.write(_frame(("results", packed, rows, counters())))
             await writer.drain()
             writer.close()
 
@@ -645,13 +598,6 @@ class _Paced(Pacer):
 
     def release_slot(self) -> None:
         pass
-
-
-def _row(key: int, result: ProbeResult) -> WireResult:
-    """A result with details beyond its RTT source, as a pickled row."""
-    failure = None if result.failure is None else str(result.failure)
-    return (key, result.reachable, result.success, failure, result.rtt_s, result.started_at,
-            result.details)  # fmt: skip
 
 
 def main(argv: list[str]) -> None:

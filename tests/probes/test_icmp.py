@@ -35,6 +35,7 @@ from probes.icmp import (
     parse_icmp4,
 )
 from probes.pacing import Blocklist, Pacer, PacingPolicy
+from probes.records import Records, decode
 from tests.netns import Netns, needs_root, run_in_netns
 from tests.probes.test_icmp_rtt import HONEST_BOUND_S, probe_with_blocked_loop, warm_up
 
@@ -112,8 +113,13 @@ def addresses(network: str, count: int, first: int = 1) -> list[str]:
     return [str(net.network_address + first + i) for i in range(count)]
 
 
+# The two ways in: probe_many (Targets in, ProbeResults out) and probe_keyed (the worker pool's:
+# (key, address) pairs in, packed records out, no pacing of its own).
+APIS = ("probe_many", "probe_keyed")
+
+
 async def probe_all(
-    prober: IcmpProber, targets: list[str], pacer: Pacer | None = None
+    prober: IcmpProber, targets: list[str], pacer: Pacer | None = None, api: str = "probe_many"
 ) -> dict[str, ProbeResult]:
     results: dict[str, ProbeResult] = {}
 
@@ -121,7 +127,15 @@ async def probe_all(
         assert result.target.address not in results, "one result per target"
         results[result.target.address] = result
 
-    await prober.probe_many((Target(a) for a in targets), pacer or Pacer(FAST), keep)
+    if api == "probe_many":
+        await prober.probe_many((Target(a) for a in targets), pacer or Pacer(FAST), keep)
+    else:
+        records = Records()
+        blocklist = Blocklist() if pacer is None else pacer.blocklist
+        await prober.probe_keyed(enumerate(targets), records, blocklist)
+        for key, reachable, success, failure, rtt, started_at, details in decode(*records.take()):
+            keep(ProbeResult(Target(targets[key]), "icmp", reachable, success, failure, rtt,
+                             started_at, details))  # fmt: skip
     assert set(results) == set(targets)
     return results
 
@@ -153,8 +167,9 @@ class Tap:
         self.sock.close()
 
 
+@pytest.mark.parametrize("api", APIS)
 @pytest.mark.parametrize("mode", MODES)
-def test_answers_silence_and_unreachables_v4(vantage: Netns, mode: str) -> None:
+def test_answers_silence_and_unreachables_v4(vantage: Netns, mode: str, api: str) -> None:
     answering = addresses("10.77.0.0/16", 300)
     silent = addresses("10.78.1.0/24", 3)
     host_unreachable = addresses("10.78.2.0/24", 2)
@@ -166,7 +181,7 @@ def test_answers_silence_and_unreachables_v4(vantage: Netns, mode: str) -> None:
         begun = time.time()
         try:
             targets = answering + silent + host_unreachable + net_unreachable + local_unreachable
-            return await probe_all(prober, targets), prober, begun
+            return await probe_all(prober, targets, api=api), prober, begun
         finally:
             await prober.close()
 
@@ -199,8 +214,9 @@ def test_answers_silence_and_unreachables_v4(vantage: Netns, mode: str) -> None:
     assert stats.sent == 307  # the local unreachable one never left
 
 
+@pytest.mark.parametrize("api", APIS)
 @pytest.mark.parametrize("mode", MODES)
-def test_ipv6_answers_silence_and_unreachable(vantage: Netns, mode: str) -> None:
+def test_ipv6_answers_silence_and_unreachable(vantage: Netns, mode: str, api: str) -> None:
     answering = [*addresses("fd77::/64", 50), "::1"]
     silent = ["fd78:1::1"]
     unreachable = ["fd78:2::1", "fd78:3::1"]
@@ -208,7 +224,8 @@ def test_ipv6_answers_silence_and_unreachable(vantage: Netns, mode: str) -> None
     async def scenario() -> tuple[dict[str, ProbeResult], dict[str, str]]:
         prober = IcmpProber(timeout_s=0.5, privileged=MODES[mode])
         try:
-            results = await probe_all(prober, [*answering, "FD77:0:0::FFFF", *silent, *unreachable])
+            targets = [*answering, "FD77:0:0::FFFF", *silent, *unreachable]
+            results = await probe_all(prober, targets, api=api)
             return results, prober.mode
         finally:
             await prober.close()
@@ -245,8 +262,11 @@ def test_icmp_error_times_come_from_the_kernel(vantage: Netns, mode: str) -> Non
         assert result.details["rtt_source"] == "kernel"
 
 
+@pytest.mark.parametrize("api", APIS)
 @pytest.mark.parametrize("mode", MODES)
-def test_forged_and_malformed_packets_are_counted_and_ignored(vantage: Netns, mode: str) -> None:
+def test_forged_and_malformed_packets_are_counted_and_ignored(
+    vantage: Netns, mode: str, api: str
+) -> None:
     """While probes run, every genuine reply the tap sees is followed by nine forgeries."""
     answering = addresses("10.77.1.0/24", 40)
     silent = addresses("10.78.1.0/24", 2)  # keeps probe_many running while forgeries arrive
@@ -285,7 +305,7 @@ def test_forged_and_malformed_packets_are_counted_and_ignored(vantage: Netns, mo
 
         tap = Tap(forge)
         try:
-            results = await probe_all(prober, answering + silent)
+            results = await probe_all(prober, answering + silent, api=api)
             await asyncio.sleep(0.2)  # forgeries still in the socket are read too
             assert len(forged) == replies_to_forge
             return results, prober.stats.as_dict()
@@ -445,6 +465,25 @@ def test_prober_moves_to_a_new_event_loop_between_runs(vantage: Netns) -> None:
     assert run_in_netns(vantage, one_run)
     assert run_in_netns(vantage, one_run)
     run_in_netns(vantage, close)
+
+
+def test_keyed_probes_screen_only_names_resolved_here(vantage: Netns) -> None:
+    """probe_keyed's caller screened the literal addresses it handed over; the prober screens
+    the address a host name resolves to (here localhost, 127.0.0.1)."""
+    blocklist = Blocklist.from_cidrs(["127.0.0.0/8", "::1/128", "10.77.8.0/24"])
+
+    async def scenario() -> tuple[dict[str, ProbeResult], int]:
+        prober = IcmpProber(timeout_s=0.5)
+        try:
+            return await probe_all(prober, ["localhost", "10.77.8.1"], Pacer(FAST, blocklist),
+                                   api="probe_keyed"), prober.stats.blocked  # fmt: skip
+        finally:
+            await prober.close()
+
+    results, blocked = run_in_netns(vantage, scenario)
+    assert results["localhost"].failure is Failure.BLOCKED_BY_POLICY
+    assert results["10.77.8.1"].success  # a literal: the caller's to screen
+    assert blocked == 1
 
 
 def test_host_name_target_is_resolved(vantage: Netns) -> None:
