@@ -31,6 +31,7 @@ from probes.base import Failure, ProbeResult, ProbeSetupError, ResultSink, Targe
 from probes.oserrors import failure_from_oserror, resolve_host
 from probes.pacing import Blocklist, Pacer, address_key
 from probes.pool import run_pool
+from probes.tcp import RTT_KERNEL, RTT_LOOP, handshake_rtt
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 DEFAULT_EXPECTED_STATUS = range(200, 400)
@@ -86,6 +87,20 @@ def phase_timings(stamps: dict[str, float]) -> dict[str, float]:
     if "headers_sent" in stamps and "headers_received" in stamps:
         phases["ttfb_s"] = stamps["headers_received"] - stamps["headers_sent"]
     return {name: round(value, 6) for name, value in phases.items() if value >= 0}
+
+
+def _connection_rtt(
+    stamps: dict[str, float], loop_rtt: float | None, details: dict[str, Any]
+) -> float | None:
+    """The RTT of a probe whose TCP connection came up: the kernel's measure of the handshake
+    (TCP_INFO, free of a busy event loop) when it has one, else what the loop saw. Its source
+    goes into details["rtt_source"], as for ICMP and TCP."""
+    kernel_rtt = stamps.get("kernel_rtt")
+    if kernel_rtt is not None:
+        details["rtt_source"] = RTT_KERNEL
+        return round(kernel_rtt, 6)
+    details["rtt_source"] = RTT_LOOP
+    return None if loop_rtt is None else round(loop_rtt, 6)
 
 
 class HttpProber:
@@ -206,11 +221,10 @@ class HttpProber:
         if error:
             details["error"] = error
         details["total_s"] = round(elapsed, 6)
-        rtt = (
-            round(stamps["connect_end"] - start, 6)
-            if connected
-            else (round(elapsed, 6) if reachable else None)
-        )
+        if connected:
+            rtt = _connection_rtt(stamps, stamps["connect_end"] - start, details)
+        else:
+            rtt = round(elapsed, 6) if reachable else None
         return ProbeResult(target, self.method, reachable, False, failure, rtt, started_at, details)
 
     async def _fetch(
@@ -259,7 +273,7 @@ class HttpProber:
                 if redirects:
                     details["redirects"] = redirects
                     details["final_url"] = str(url)
-                rtt = details.get("connect_s")
+                rtt = _connection_rtt(stamps, details.get("connect_s"), details)
                 if status not in self.expected_status:
                     details["total_s"] = round(time.perf_counter() - start, 6)
                     return ProbeResult(target, self.method, True, False, Failure.HTTP_STATUS,
@@ -301,6 +315,12 @@ class HttpProber:
         stamps["connect_start"] = time.perf_counter()
         transport, protocol = await _open_tcp(loop, addresses, port, tls)
         stamps["connect_end"] = time.perf_counter()
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            loop_rtt = stamps["connect_end"] - stamps["connect_start"]
+            rtt, source = handshake_rtt(sock, loop_rtt)
+            if source == RTT_KERNEL:
+                stamps["kernel_rtt"] = rtt
         if not tls:
             assert isinstance(protocol, ResponseHandler)
             return transport, protocol

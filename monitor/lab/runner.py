@@ -125,10 +125,11 @@ def lab_config(world: World, lab: Lab, interval_s: int, workdir: Path,
         "countries": countries,
         "control": {"hosts": list(CONTROL_HOSTS), "method": "icmp", "min_up_fraction": 0.5},
         "history": {"path": str(workdir / "history.sqlite"), "retention_days": 60},
-        # ICMP and TCP RTTs come from the kernel, but HTTP and DNS RTTs are still what the event
+        # ICMP, TCP and HTTP RTTs come from the kernel, but DNS RTTs are still what the event
         # loop saw: a round sends hundreds of probes at once, and CPU load moves that tenfold
         # (without these factors the nationwide-shutdown scenario raised false throttling on
-        # rtt_http_*/rtt_dns_* in KG and NL). Throttling in the lab shows as loss.
+        # rtt_dns_* in KG and NL; HTTP's did too while it was loop-measured). Throttling in
+        # the lab shows as loss.
         "detector": {"rtt_warning_factor": LAB_RTT_WARNING_FACTOR,
                      "rtt_critical_factor": LAB_RTT_CRITICAL_FACTOR},
     }

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -373,3 +375,54 @@ async def test_host_name_is_resolved_each_probe_and_checked_against_the_blocklis
         [blocked] = await _probe(HttpProber(contact_url=CONTACT), [url], pacer)
     assert allowed.success and allowed.details["dns_s"] >= 0
     assert blocked.failure is Failure.BLOCKED_BY_POLICY and not blocked.reachable
+
+
+# --- RTT: the kernel's handshake measure (TCP_INFO), as for TCP ---------------------------------
+
+BLOCK_S = 0.3
+HONEST_BOUND_S = 0.05  # far below BLOCK_S, far above a loopback handshake (microseconds)
+
+
+async def test_rtt_is_the_handshake_the_kernel_measured_not_a_blocked_loop() -> None:
+    """Once the last target is taken (its connect is under way), the event loop is blocked
+    for BLOCK_S, as a busy daemon's would be: the RTT must not contain that wait."""
+    count = 20
+
+    def blocking_after(targets: list[Target]) -> Iterator[Target]:
+        yield from targets
+        asyncio.get_running_loop().call_soon(time.sleep, BLOCK_S)
+
+    async with http_app(_routes()) as port:
+        url = f"http://127.0.0.1:{port}/ok"
+        prober = HttpProber(contact_url=CONTACT, timeout_s=3.0)
+        results: list[ProbeResult] = []
+        pacer = Pacer(PacingPolicy(rate_pps=None, per_block_pps=None))
+        try:
+            await prober.probe_many(
+                blocking_after([Target("127.0.0.1", url=url)] * count), pacer, results.append
+            )
+        finally:
+            await prober.close()
+    assert len(results) == count
+    loop_saw = max(r.details["connect_s"] for r in results)
+    assert loop_saw >= BLOCK_S  # the block did fall between a connect and the loop seeing it
+    for result in results:
+        assert result.success, result
+        assert result.details["rtt_source"] == "kernel"
+        assert result.rtt_s is not None and 0 < result.rtt_s < HONEST_BOUND_S, result
+
+
+async def test_a_connection_that_fails_later_still_has_the_handshake_rtt() -> None:
+    """A TLS handshake that never finishes: the host answered at the TCP level, so the probe is
+    reachable, with the kernel's handshake RTT."""
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.close()
+
+    async with raw_tcp_server(hold) as port:
+        prober = HttpProber(contact_url=CONTACT, timeout_s=0.3)
+        [result] = await _probe(prober, [f"https://127.0.0.1:{port}/"])
+    assert result.failure is Failure.TIMEOUT and result.reachable
+    assert result.details["rtt_source"] == "kernel"
+    assert result.rtt_s is not None and result.rtt_s < HONEST_BOUND_S
