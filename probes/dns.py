@@ -3,6 +3,10 @@
 A server that answers with the wrong addresses is reachable but failing (`dns_wrong_answer`):
 that is what DNS tampering looks like, so it must not read as an outage. A UDP answer with the
 TC bit set is asked again over TCP, as a resolver would.
+
+UDP queries go over a socket of our own, so the answer carries the kernel's receive stamp and
+the RTT is the network's, not a busy event loop's (probes/stamps.py); TCP queries (dnspython's)
+carry the loop's measure. `details["rtt_source"]` says which.
 """
 
 from __future__ import annotations
@@ -14,13 +18,13 @@ import time
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
-import dns.asyncbackend
 import dns.asyncquery
 import dns.exception
 import dns.flags
 import dns.inet
 import dns.message
 import dns.name
+import dns.query
 import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
@@ -38,8 +42,16 @@ from probes.base import (
 from probes.oserrors import TARGET_ANSWERED, failure_from_oserror, resolve_host
 from probes.pacing import Pacer
 from probes.pool import run_pool
+from probes.stamps import (
+    RTT_LOOP,
+    STAMP_ANCILLARY_BYTES,
+    enable_receive_stamps,
+    honest_rtt,
+    kernel_receive_time,
+)
 
 DEFAULT_PORT = 53
+_MAX_DATAGRAM = 65535
 
 _RCODE_FAILURES = {
     dns.rcode.NXDOMAIN: Failure.DNS_NXDOMAIN,
@@ -152,50 +164,69 @@ class DnsProber:
         request = dns.message.make_query(query.name, query.rdtype)
         details: dict[str, Any] = {"transport": query.transport}
         start = time.perf_counter()
+        udp_rtt: tuple[float, str] | None = None  # a UDP answer's RTT and its source
+
+        def rtt_now() -> float:
+            """The RTT of what answered: a UDP answer's when one came, else the loop's."""
+            rtt, details["rtt_source"] = udp_rtt or (time.perf_counter() - start, RTT_LOOP)
+            return rtt
+
         try:
             if query.transport == "tcp":
                 response = await dns.asyncquery.tcp(request, server, self.timeout_s, port)
             else:
-                response = await self._udp(request, server, port)
+                wire, answered_in, source = await self._udp(request.to_wire(), server, port)
+                udp_rtt = answered_in, source
+                response = _response_to(request, wire)
                 if response.flags & dns.flags.TC:
                     details["truncated"] = True
                     details["transport"] = "tcp"
                     if pacer is not None:
                         await _pace(pacer, server)
                     response = await dns.asyncquery.tcp(request, server, self.timeout_s, port)
-        except dns.exception.Timeout:
+        except (dns.exception.Timeout, TimeoutError):
             return self._failed(target, started_at, Failure.TIMEOUT, None, details)
         except (dns.exception.DNSException, EOFError, ValueError) as exc:
             # Something answered, but not with a DNS message for our question.
             details["error"] = f"{type(exc).__name__}: {exc}"
-            rtt = time.perf_counter() - start
-            return self._failed(target, started_at, Failure.DNS_BAD_RESPONSE, rtt, details)
+            return self._failed(target, started_at, Failure.DNS_BAD_RESPONSE, rtt_now(), details)
         except OSError as exc:
             os_failure = failure_from_oserror(exc)
             details["error"] = str(exc)
-            answered_s = time.perf_counter() - start if os_failure in TARGET_ANSWERED else None
+            answered_s = rtt_now() if os_failure in TARGET_ANSWERED else None
             return self._failed(target, started_at, os_failure, answered_s, details)
-        rtt = time.perf_counter() - start
+        rtt = rtt_now()
         failure, judged = judge_response(query, response)
         details.update(judged)
         return ProbeResult(
             target, self.method, True, failure is None, failure, rtt, started_at, details
         )
 
-    async def _udp(
-        self, request: dns.message.Message, server: str, port: int
-    ) -> dns.message.Message:
-        # A connected socket: the kernel then reports ICMP port unreachable (ECONNREFUSED), which
-        # proves the host is up, and drops datagrams from any other source address.
-        backend = dns.asyncbackend.get_backend("asyncio")
-        family = dns.inet.af_for_address(server)
-        sock = await backend.make_socket(  # type: ignore[no-untyped-call]
-            family, socket.SOCK_DGRAM, 0, None, (server, port)
-        )
-        async with sock:
-            return await dns.asyncquery.udp(
-                request, server, self.timeout_s, port, ignore_unexpected=True, sock=sock
+    async def _udp(self, wire: bytes, server: str, port: int) -> tuple[bytes, float, str]:
+        """Send one query, wait for one datagram back: (its bytes, the RTT, its source).
+
+        A connected socket: the kernel then reports ICMP port unreachable (ECONNREFUSED), which
+        proves the host is up, and drops datagrams from any other source address."""
+        loop = asyncio.get_running_loop()
+        with socket.socket(dns.inet.af_for_address(server), socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+            enable_receive_stamps(sock)
+            sock.connect((server, port))
+            sent = time.monotonic()
+            await loop.sock_sendall(sock, wire)  # waits for room in a full send buffer
+            async with asyncio.timeout(self.timeout_s):
+                while True:
+                    try:
+                        answer, ancdata, _flags, _source = sock.recvmsg(
+                            _MAX_DATAGRAM, STAMP_ANCILLARY_BYTES
+                        )
+                        break
+                    except BlockingIOError:
+                        await _readable(loop, sock)
+            rtt, source = honest_rtt(
+                kernel_receive_time(ancdata), time.time(), time.monotonic() - sent
             )
+        return answer, rtt, source
 
     def _failed(
         self,
@@ -207,6 +238,29 @@ class DnsProber:
     ) -> ProbeResult:
         reachable = rtt is not None
         return ProbeResult(target, self.method, reachable, False, failure, rtt, started_at, details)
+
+
+def _response_to(request: dns.message.Message, wire: bytes) -> dns.message.Message:
+    """The answer to `request` in `wire`; raises (a DNSException) when it is not a DNS message
+    or answers another question."""
+    response = dns.message.from_wire(wire)
+    if not request.is_response(response):
+        raise dns.query.BadResponse("the answer does not match the question")  # type: ignore[no-untyped-call]
+    return response
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(sock.fileno(), wake)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(sock.fileno())
 
 
 async def _pace(pacer: Pacer, address: str) -> None:

@@ -31,7 +31,8 @@ from probes.base import Failure, ProbeResult, ProbeSetupError, ResultSink, Targe
 from probes.oserrors import failure_from_oserror, resolve_host
 from probes.pacing import Blocklist, Pacer, address_key
 from probes.pool import run_pool
-from probes.tcp import RTT_KERNEL, RTT_LOOP, handshake_rtt
+from probes.stamps import RTT_KERNEL, RTT_LOOP
+from probes.tcp import handshake_rtt
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 DEFAULT_EXPECTED_STATUS = range(200, 400)

@@ -6,12 +6,8 @@ shared socket per family; one reader callback drains replies and matches them on
 from a deque ordered by deadline. The targets iterable is consumed lazily, so a million queued
 targets cost only what the caller holds.
 
-RTTs come from the kernel: SO_TIMESTAMPING stamps every received packet (and every error-queue
-entry) with the wall-clock time it reached the socket. The time the reply then waited in the
-socket buffer for a busy event loop (wall clock now - stamp) is taken off the loop's own
-monotonic measure: RTT = (now - sent) - (now - stamp), i.e. stamp - send time, with no wall-clock
-stamp to keep per probe. A missing or implausible stamp (the wall clock stepped while the reply
-waited) leaves the loop's measure.
+RTTs come from the kernel (probes/stamps.py): SO_TIMESTAMPING stamps every received packet and
+every error-queue entry, and the time a reply then waited for a busy event loop is taken off.
 
 Sockets: unprivileged ICMP datagram sockets where `net.ipv4.ping_group_range` admits our group
 (the kernel picks the echo id, which is the socket's local "port", and delivers only replies with
@@ -42,6 +38,12 @@ from probes.base import (
 )
 from probes.calls import ProbeCall
 from probes.records import Records
+from probes.stamps import (
+    STAMP_ANCILLARY_BYTES,
+    enable_receive_stamps,
+    honest_rtt,
+    kernel_receive_time,
+)
 
 if TYPE_CHECKING:
     from probes.pacing import Blocklist, Pacer
@@ -71,25 +73,9 @@ _IPV6_RECVERR = 25
 _SO_RCVBUFFORCE = 33
 _SO_EE_ORIGIN_ICMP = 2
 _SO_EE_ORIGIN_ICMP6 = 3
-# SO_TIMESTAMPING and its control message (same number) on x86, arm and riscv, asking for
-# software receive stamps: struct scm_timestamping, three struct timespec (two longs each,
-# CLOCK_REALTIME), the first the software stamp of when the packet reached the host. Not
-# SO_TIMESTAMPNS: for a packet that came in before the kernel had turned stamping on (it does
-# so a moment after the first socket asks), that one reports the time of the read instead.
-_SO_TIMESTAMPING = 37
-_SCM_TIMESTAMPING = _SO_TIMESTAMPING
-_SOF_TIMESTAMPING_RX_SOFTWARE = 1 << 3
-_SOF_TIMESTAMPING_SOFTWARE = 1 << 4
-_TIMESPEC = struct.Struct("=qq")
-# Room for the stamps, and for IP_RECVERR's sock_extended_err plus the offender's address.
-_STAMP_ANCILLARY_BYTES = socket.CMSG_SPACE(3 * _TIMESPEC.size)
+# Room for the receive stamps, and for IP_RECVERR's sock_extended_err plus the offender's
+# address.
 _ERROR_ANCILLARY_BYTES = 512
-# Reading the two clocks one after the other can make a reply's wait look slightly negative;
-# more than this means the wall clock stepped.
-_CLOCK_SLACK_S = 0.001
-
-RTT_KERNEL = "kernel"  # details["rtt_source"]: the socket's receive timestamp
-RTT_LOOP = "loop"  # details["rtt_source"]: when the event loop read the reply
 
 _ECHO_HEADER = struct.Struct("!BBHHH")
 _EXTENDED_ERR = struct.Struct("=IBBBBII")
@@ -254,30 +240,6 @@ def parse_extended_error(cdata: bytes, v6: bool) -> ExtendedError | None:
     elif not v6 and len(tail) >= 8 and struct.unpack_from("=H", tail)[0] == socket.AF_INET:
         offender = socket.inet_ntoa(tail[4:8])
     return ExtendedError(err, origin, icmp_type, code, offender)
-
-
-def kernel_receive_time(ancdata: list[tuple[int, int, bytes]]) -> float | None:
-    """The software receive time (Unix seconds) in recvmsg's SCM_TIMESTAMPING ancillary data;
-    None when there is none (or it is zero: the packet was not stamped)."""
-    for level, kind, cdata in ancdata:
-        if level == socket.SOL_SOCKET and kind == _SCM_TIMESTAMPING and len(cdata) >= 16:
-            seconds, nanoseconds = _TIMESPEC.unpack_from(cdata)
-            if seconds == 0 and nanoseconds == 0:
-                return None
-            return float(seconds + nanoseconds * 1e-9)
-    return None
-
-
-def honest_rtt(received_wall: float | None, now_wall: float, loop_rtt: float) -> tuple[float, str]:
-    """The RTT and its source. `loop_rtt`: monotonic send -> now; `received_wall`: the kernel's
-    stamp of the reply, `now_wall`: the wall clock now. The time the reply waited for us is taken
-    off when there is a stamp and that wait is plausible (not negative, not longer than the
-    whole loop measure); else the loop's measure stands."""
-    if received_wall is not None:
-        waited = now_wall - received_wall
-        if -_CLOCK_SLACK_S <= waited <= loop_rtt:
-            return max(loop_rtt - waited, 0.0), RTT_KERNEL
-    return loop_rtt, RTT_LOOP
 
 
 def failure_for_icmp_error(v6: bool, icmp_type: int, code: int) -> Failure:
@@ -483,11 +445,7 @@ class _Endpoint:
             level = socket.IPPROTO_IPV6 if self.v6 else socket.IPPROTO_IP
             sock.setsockopt(level, _IPV6_RECVERR if self.v6 else _IP_RECVERR, 1)
         # Receive times from the kernel: what a busy event loop adds is not network RTT.
-        sock.setsockopt(
-            socket.SOL_SOCKET,
-            _SO_TIMESTAMPING,
-            _SOF_TIMESTAMPING_RX_SOFTWARE | _SOF_TIMESTAMPING_SOFTWARE,
-        )
+        enable_receive_stamps(sock)
         self.payload = payload
         self.template = EchoTemplate(self.v6, self.ident, payload)
         self.seq = int.from_bytes(os.urandom(2), "big")
@@ -800,7 +758,7 @@ class IcmpProber:
         wall = time.time
         for _ in range(_READS_PER_CALLBACK):
             try:
-                data, ancdata, _flags, source = recvmsg(_MAX_PACKET, _STAMP_ANCILLARY_BYTES)
+                data, ancdata, _flags, source = recvmsg(_MAX_PACKET, STAMP_ANCILLARY_BYTES)
             except BlockingIOError:
                 break
             except OSError:

@@ -44,6 +44,7 @@ from probes.base import (
 from probes.calls import ProbeCall
 from probes.oserrors import TARGET_ANSWERED, failure_from_oserror, resolve_host
 from probes.pacing import Pacer
+from probes.stamps import RTT_KERNEL, RTT_LOOP
 
 _STOP_EARLY = frozenset({Failure.HOST_UNREACHABLE, Failure.NETWORK_UNREACHABLE})
 _LINGER_RST = struct.pack("ii", 1, 0)
@@ -62,8 +63,6 @@ _EVENTS_PER_CALLBACK = 4096
 # last_data_sent, last_ack_sent, last_data_recv, last_ack_recv, pmtu, rcv_ssthresh).
 _TCP_INFO_HEAD = struct.Struct("=B67xI")
 _TCP_ESTABLISHED = 1
-RTT_KERNEL = "kernel"  # details["rtt_source"]: tcpi_rtt of the handshake
-RTT_LOOP = "loop"  # details["rtt_source"]: when the event loop saw the attempt end
 
 
 class TcpProber:

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
+import queue
+import threading
+import time
+from collections.abc import Iterator
 
 import dns.message
 import dns.rcode
@@ -93,6 +98,7 @@ async def test_details_carry_rcode_answers_ttl_and_the_unexpected_answers() -> N
         [result] = await _probe([Target("127.0.0.1", server.port, query=query)])
     assert result.details == {
         "transport": "udp",
+        "rtt_source": "kernel",
         "rcode": "NOERROR",
         "answers": [WRONG],
         "ttl": 300,
@@ -240,3 +246,69 @@ def test_mangled_responses_never_crash_the_prober(
         or (result.failure in (Failure.TIMEOUT, Failure.CONNECTION_RESET))
     )
     assert result.success == (result.failure is None)
+
+
+# --- RTT: the kernel's receive stamp for UDP, the loop's measure for TCP -------------------------
+
+BLOCK_S = 0.3
+HONEST_BOUND_S = 0.05  # far below BLOCK_S, far above a loopback exchange (microseconds)
+
+
+@contextlib.contextmanager
+def responder_in_a_thread(zone: dict[str, DnsBehaviour]) -> Iterator[int]:
+    """A DnsResponder on its own event loop in a thread: it answers while the prober's loop is
+    blocked. Yields its port."""
+    started: queue.Queue[tuple[asyncio.AbstractEventLoop, asyncio.Event, int]] = queue.Queue()
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        async with DnsResponder(zone) as server:
+            started.put((asyncio.get_running_loop(), stop, server.port))
+            await stop.wait()
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
+    thread.start()
+    loop, stop, port = started.get(timeout=10)
+    try:
+        yield port
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(10)
+
+
+async def test_udp_rtt_is_the_kernels_not_a_blocked_loops() -> None:
+    """Once the last query is out (the pool asks for the next target), the prober's event loop is
+    blocked for BLOCK_S, as a busy daemon's would be; the answers arrive meanwhile."""
+    count = 20
+
+    def blocking_after(targets: list[Target]) -> Iterator[Target]:
+        yield from targets
+        asyncio.get_running_loop().call_soon(time.sleep, BLOCK_S)
+
+    got: list[tuple[ProbeResult, float]] = []
+    with responder_in_a_thread(ZONE) as port:
+        query = DnsQuery("ok.test", "A", frozenset({RIGHT}))
+        targets = [Target("127.0.0.1", port, query=query)] * count
+        pacer = Pacer(PacingPolicy(rate_pps=None, per_block_pps=None))
+        await DnsProber(timeout_s=2.0).probe_many(
+            blocking_after(targets), pacer, lambda r: got.append((r, time.time()))
+        )
+    assert len(got) == count
+    # The loop saw most answers only after the block (an answer that was already there when
+    # the query's task first looked is read at once)...
+    late = [result for result, handed_over in got if handed_over - result.started_at >= BLOCK_S]
+    assert len(late) >= count // 2
+    for result, _handed_over in got:  # ...but no RTT contains it
+        assert result.success, result
+        assert result.rtt_s is not None and 0 < result.rtt_s < HONEST_BOUND_S, result
+        assert result.details["rtt_source"] == "kernel"
+
+
+async def test_tcp_and_refused_rtts_are_the_loops_and_say_so() -> None:
+    async with DnsResponder(ZONE) as server:
+        query = DnsQuery("ok.test", "A", frozenset({RIGHT}), "tcp")
+        [over_tcp] = await _probe([Target("127.0.0.1", server.port, query=query)])
+    [refused] = await _probe([Target("127.0.0.1", free_port(), query=DnsQuery("ok.test", "A"))])
+    assert over_tcp.success and over_tcp.details["rtt_source"] == "loop"
+    assert refused.failure is Failure.CONNECTION_REFUSED
+    assert refused.rtt_s is not None and refused.details["rtt_source"] == "loop"

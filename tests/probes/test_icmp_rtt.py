@@ -17,17 +17,9 @@ from collections.abc import Iterator
 import pytest
 
 from probes.base import ProbeResult, Target
-from probes.icmp import (
-    ICMP4_ECHO_REPLY,
-    ICMP4_ECHO_REQUEST,
-    RTT_KERNEL,
-    RTT_LOOP,
-    IcmpProber,
-    build_echo,
-    honest_rtt,
-    kernel_receive_time,
-)
+from probes.icmp import ICMP4_ECHO_REPLY, ICMP4_ECHO_REQUEST, IcmpProber, build_echo
 from probes.pacing import Pacer, PacingPolicy
+from probes.stamps import RTT_KERNEL, RTT_LOOP, honest_rtt, kernel_receive_time
 from tests.netns import Netns, needs_root, run_in_netns
 
 MODES = {"datagram": False, "raw": True}
