@@ -50,8 +50,6 @@ from probes import eventloop
 log = logging.getLogger(__name__)
 
 API_PORT: Final = 9310  # inside the vantage namespace: nothing else listens there
-LAB_RTT_WARNING_FACTOR: Final = 100.0
-LAB_RTT_CRITICAL_FACTOR: Final = 1000.0
 _CLONE_NEWNET: Final = 0x40000000
 
 
@@ -125,13 +123,6 @@ def lab_config(world: World, lab: Lab, interval_s: int, workdir: Path,
         "countries": countries,
         "control": {"hosts": list(CONTROL_HOSTS), "method": "icmp", "min_up_fraction": 0.5},
         "history": {"path": str(workdir / "history.sqlite"), "retention_days": 60},
-        # ICMP, TCP and HTTP RTTs come from the kernel, but DNS RTTs are still what the event
-        # loop saw: a round sends hundreds of probes at once, and CPU load moves that tenfold
-        # (without these factors the nationwide-shutdown scenario raised false throttling on
-        # rtt_dns_* in KG and NL; HTTP's did too while it was loop-measured). Throttling in
-        # the lab shows as loss.
-        "detector": {"rtt_warning_factor": LAB_RTT_WARNING_FACTOR,
-                     "rtt_critical_factor": LAB_RTT_CRITICAL_FACTOR},
     }
 
 
