@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import os
 import socket
 import struct
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
@@ -265,6 +266,107 @@ def failure_for_send_error(err: int) -> Failure:
     return Failure.OTHER
 
 
+async def send_echo(
+    endpoint: EchoSocket, packet: bytes, address: str, drain_errors: Callable[[], None]
+) -> int | None:
+    """Send one echo the slow way, after a quick send failed: waits for room in a full buffer;
+    returns an errno when the kernel refused it for good. `drain_errors` reads the socket's
+    error queue (datagram sockets)."""
+    retried_stale = False
+    for _attempt in range(1000):
+        try:
+            endpoint.sock.sendto(packet, (address, 0))
+            return None
+        except BlockingIOError:
+            await _writable(endpoint.sock)
+        except OSError as exc:
+            if exc.errno == errno.ENOBUFS:
+                await asyncio.sleep(0.001)
+                continue
+            if not endpoint.raw and not retried_stale:
+                # With IP_RECVERR an ICMP error about an EARLIER probe is reported by the
+                # next send on the socket; sending again tells a real route error apart.
+                retried_stale = True
+                drain_errors()
+                continue
+            return exc.errno or errno.EIO
+    return errno.ENOBUFS
+
+
+async def _writable(sock: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_writer(fd, wake)
+    try:
+        await ready
+    finally:
+        loop.remove_writer(fd)
+
+
+def error_outcome(
+    v6: bool,
+    icmp_type: int,
+    code: int,
+    reporter: str | None,
+    received: float | None,
+    sent_mono: float,
+) -> tuple[Failure, dict[str, Any]]:
+    """The failure and details of a probe an ICMP error ended. `received`: the error's kernel
+    stamp; `sent_mono`: when the probe went (time.monotonic())."""
+    # Not the target's RTT (it did not answer) but how far away the reporter is.
+    error_rtt, rtt_source = honest_rtt(received, time.time(), time.monotonic() - sent_mono)
+    details: dict[str, Any] = {
+        "icmp_type": icmp_type, "icmp_code": code, "error_rtt_s": error_rtt,
+        "rtt_source": rtt_source,
+    }  # fmt: skip
+    if reporter is not None:
+        details["reported_by"] = reporter
+    return failure_for_icmp_error(v6, icmp_type, code), details
+
+
+def read_error_queue(
+    endpoint: EchoSocket, stats: IcmpStats
+) -> Iterator[tuple[int, int, str, ExtendedError, float | None]]:
+    """The ICMP errors a datagram socket queued (IP_RECVERR), as (echo id, seq, where the probe
+    went, the error, its kernel stamp): the data is our own echo request as sent, the address
+    is where it went. Malformed entries and locally raised ones are counted and skipped."""
+    v6 = endpoint.v6
+    level = socket.IPPROTO_IPV6 if v6 else socket.IPPROTO_IP
+    kind = _IPV6_RECVERR if v6 else _IP_RECVERR
+    for _ in range(_READS_PER_CALLBACK):
+        try:
+            data, ancdata, _flags, address = endpoint.sock.recvmsg(
+                _MAX_PACKET, _ERROR_ANCILLARY_BYTES, socket.MSG_ERRQUEUE
+            )
+        except OSError:
+            return
+        extended = next(
+            (
+                parse_extended_error(cdata, v6)
+                for cmsg_level, cmsg_type, cdata in ancdata
+                if cmsg_level == level and cmsg_type == kind
+            ),
+            None,
+        )
+        if extended is None:
+            stats.malformed += 1
+            continue
+        if extended.origin not in (_SO_EE_ORIGIN_ICMP, _SO_EE_ORIGIN_ICMP6):
+            stats.local_errors += 1
+            continue
+        if len(data) < 8 or not address:
+            stats.malformed += 1
+            continue
+        _t, _c, _s, ident, seq = _ECHO_HEADER.unpack_from(data)
+        yield ident, seq, address[0], extended, kernel_receive_time(ancdata)
+
+
 @dataclass(slots=True)
 class IcmpStats:
     """Counters for everything the prober sent, matched, ignored or gave up on."""
@@ -401,8 +503,10 @@ class _Pending:
         return self.call.wall_offset + self.sent_mono
 
 
-class _Endpoint:
-    """The one socket of an address family, with its echo id, seq counter and packet template."""
+class EchoSocket:
+    """An ICMP echo socket (datagram or raw) set up for probing: non-blocking, a deep receive
+    buffer, kernel receive stamps, errors queued (datagram) or filtered (raw); with its echo id,
+    seq counter and packet template. IcmpProber has one per address family."""
 
     def __init__(self, v6: bool, raw: bool, payload: bytes) -> None:
         family = socket.AF_INET6 if v6 else socket.AF_INET
@@ -476,7 +580,7 @@ class IcmpProber:
         self.privileged = privileged
         self.stats = IcmpStats()
         self._payload = os.urandom(payload_size)
-        self._endpoints: dict[bool, _Endpoint] = {}
+        self._endpoints: dict[bool, EchoSocket] = {}
         self._pending: dict[tuple[str, int], _Pending] = {}
         self._deadlines: deque[_Pending] = deque()
         self._sweep_handle: asyncio.TimerHandle | None = None
@@ -493,6 +597,11 @@ class IcmpProber:
             ("ipv6" if v6 else "ipv4"): ("raw" if ep.raw else "datagram")
             for v6, ep in self._endpoints.items()
         }
+
+    @property
+    def payload(self) -> bytes:
+        """The echo payload this prober sends (random per prober, checked on every reply)."""
+        return self._payload
 
     def echo_id(self, v6: bool = False) -> int | None:
         """The echo id our socket of that family uses (the kernel's choice on datagram sockets)."""
@@ -626,7 +735,8 @@ class IcmpProber:
                     endpoint.sock.sendto(packet, (key_address, 0))
                     error = None
                 except OSError:  # a full buffer, or a route error: the slow path sorts it out
-                    error = await self._send(endpoint, packet, key_address)
+                    drain = functools.partial(self._drain_error_queue, endpoint)
+                    error = await send_echo(endpoint, packet, key_address, drain)
                 if error is not None:
                     if pacer is not None:
                         pacer.release_slot()
@@ -676,44 +786,7 @@ class IcmpProber:
             return None
         return resolved, family == socket.AF_INET6
 
-    async def _send(self, endpoint: _Endpoint, packet: bytes, address: str) -> int | None:
-        """Send one echo; returns an errno when the kernel refused it for good."""
-        retried_stale = False
-        for _attempt in range(1000):
-            try:
-                endpoint.sock.sendto(packet, (address, 0))
-                return None
-            except BlockingIOError:
-                await self._writable(endpoint)
-            except OSError as exc:
-                if exc.errno == errno.ENOBUFS:
-                    await asyncio.sleep(0.001)
-                    continue
-                if not endpoint.raw and not retried_stale:
-                    # With IP_RECVERR an ICMP error about an EARLIER probe is reported by the
-                    # next send on the socket; sending again tells a real route error apart.
-                    retried_stale = True
-                    self._drain_error_queue(endpoint)
-                    continue
-                return exc.errno or errno.EIO
-        return errno.ENOBUFS
-
-    async def _writable(self, endpoint: _Endpoint) -> None:
-        loop = asyncio.get_running_loop()
-        ready: asyncio.Future[None] = loop.create_future()
-        fd = endpoint.sock.fileno()
-
-        def wake() -> None:
-            if not ready.done():
-                ready.set_result(None)
-
-        loop.add_writer(fd, wake)
-        try:
-            await ready
-        finally:
-            loop.remove_writer(fd)
-
-    def _endpoint(self, v6: bool) -> _Endpoint:
+    def _endpoint(self, v6: bool) -> EchoSocket:
         endpoint = self._endpoints.get(v6)
         if endpoint is not None:
             return endpoint
@@ -724,12 +797,12 @@ class IcmpProber:
         self._endpoints[v6] = endpoint
         return endpoint
 
-    def _open_endpoint(self, v6: bool) -> _Endpoint:
+    def _open_endpoint(self, v6: bool) -> EchoSocket:
         kinds = {None: (False, True), False: (False,), True: (True,)}[self.privileged]
         errors: list[str] = []
         for raw in kinds:
             try:
-                return _Endpoint(v6, raw, self._payload)
+                return EchoSocket(v6, raw, self._payload)
             except PermissionError as exc:
                 errors.append(f"{'raw' if raw else 'datagram'} socket: {exc.strerror}")
             except OSError as exc:
@@ -745,7 +818,7 @@ class IcmpProber:
 
     # -- receiving ------------------------------------------------------------------------
 
-    def _on_readable(self, endpoint: _Endpoint) -> None:
+    def _on_readable(self, endpoint: EchoSocket) -> None:
         recvmsg = endpoint.sock.recvmsg
         v6 = endpoint.v6
         raw = endpoint.raw
@@ -797,7 +870,7 @@ class IcmpProber:
             self._drain_error_queue(endpoint)
 
     def _on_reply(
-        self, endpoint: _Endpoint, parsed: ParsedIcmp, source: str, received: float | None
+        self, endpoint: EchoSocket, parsed: ParsedIcmp, source: str, received: float | None
     ) -> None:
         stats = self.stats
         if parsed.ident != endpoint.ident:
@@ -822,7 +895,7 @@ class IcmpProber:
 
     def _on_error(
         self,
-        endpoint: _Endpoint,
+        endpoint: EchoSocket,
         parsed: ParsedIcmp,
         reporter: str | None,
         received: float | None,
@@ -839,55 +912,17 @@ class IcmpProber:
             stats.duplicates += 1
             return
         stats.unreachable += 1
-        # Not the target's RTT (it did not answer) but how far away the reporter is.
-        error_rtt, rtt_source = honest_rtt(
-            received, time.time(), time.monotonic() - entry.sent_mono
+        failure, details = error_outcome(
+            endpoint.v6, parsed.icmp_type, parsed.code, reporter, received, entry.sent_mono
         )
-        details: dict[str, Any] = {
-            "icmp_type": parsed.icmp_type, "icmp_code": parsed.code,
-            "error_rtt_s": error_rtt, "rtt_source": rtt_source,
-        }  # fmt: skip
-        if reporter is not None:
-            details["reported_by"] = reporter
-        failure = failure_for_icmp_error(endpoint.v6, parsed.icmp_type, parsed.code)
         self._finish(entry, failure, details)
 
-    def _drain_error_queue(self, endpoint: _Endpoint) -> None:
-        """Read ICMP errors a datagram socket queued (IP_RECVERR): the data is our own echo
-        request as sent, the address is where it went."""
-        v6 = endpoint.v6
-        level = socket.IPPROTO_IPV6 if v6 else socket.IPPROTO_IP
-        kind = _IPV6_RECVERR if v6 else _IP_RECVERR
-        for _ in range(_READS_PER_CALLBACK):
-            try:
-                data, ancdata, _flags, address = endpoint.sock.recvmsg(
-                    _MAX_PACKET, _ERROR_ANCILLARY_BYTES, socket.MSG_ERRQUEUE
-                )
-            except OSError:
-                return
-            extended = next(
-                (
-                    parse_extended_error(cdata, v6)
-                    for cmsg_level, cmsg_type, cdata in ancdata
-                    if cmsg_level == level and cmsg_type == kind
-                ),
-                None,
-            )
-            if extended is None:
-                self.stats.malformed += 1
-                continue
-            if extended.origin not in (_SO_EE_ORIGIN_ICMP, _SO_EE_ORIGIN_ICMP6):
-                self.stats.local_errors += 1
-                continue
-            if len(data) < 8 or not address:
-                self.stats.malformed += 1
-                continue
-            _t, _c, _s, ident, seq = _ECHO_HEADER.unpack_from(data)
-            destination = address[0]
+    def _drain_error_queue(self, endpoint: EchoSocket) -> None:
+        for ident, seq, destination, extended, received in read_error_queue(endpoint, self.stats):
             parsed = ParsedIcmp(
                 ERROR, extended.icmp_type, extended.code, ident, seq, None, destination, b""
             )
-            self._on_error(endpoint, parsed, extended.offender, kernel_receive_time(ancdata))
+            self._on_error(endpoint, parsed, extended.offender, received)
 
     # -- completion -----------------------------------------------------------------------
 

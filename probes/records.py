@@ -17,11 +17,19 @@ import struct
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from probes.base import Failure, ProbeResult
 
 # key, flags (bit 0 reachable, bit 1 success, bits 2-3 the details: none, or rtt_source
 # kernel / loop), failure code (an index in _FAILURE_CODES), RTT (NaN: none), sent at.
 RECORD = struct.Struct("<qBBdd")
+# The same layout as a numpy record, for engines that make records in bulk.
+RECORD_DTYPE = np.dtype(
+    [("key", "<i8"), ("flags", "u1"), ("failure", "u1"), ("rtt", "<f8"), ("sent", "<f8")]
+)
+assert RECORD_DTYPE.itemsize == RECORD.size
 _FAILURE_CODES: tuple[Failure | None, ...] = (None, *Failure)
 _FAILURE_CODE = {failure: code for code, failure in enumerate(_FAILURE_CODES)}
 _RTT_SOURCES: tuple[str | None, ...] = (None, "kernel", "loop")
@@ -93,6 +101,39 @@ class Records:
             self.packed += RECORD.pack(
                 key, 3 | _RTT_SOURCE_CODE[rtt_source] << 2, 0, rtt, started_at
             )
+
+    def answered_many(
+        self,
+        keys: npt.NDArray[np.int64],
+        rtts: npt.NDArray[np.float64],
+        by_kernel: npt.NDArray[np.bool_],
+        started_at: npt.NDArray[np.float64],
+    ) -> None:
+        """Targets that answered, in bulk; `by_kernel`: whether each RTT is the kernel's."""
+        if len(keys):
+            kernel, loop = (3 | _RTT_SOURCE_CODE[s] << 2 for s in ("kernel", "loop"))
+            self._add_many(keys, np.where(by_kernel, kernel, loop), 0, rtts, started_at)
+
+    def ended_many(
+        self, keys: npt.NDArray[np.int64], failure: Failure, started_at: npt.NDArray[np.float64]
+    ) -> None:
+        """Targets with no answer and nothing more to say (timeouts), in bulk."""
+        if len(keys):
+            self._add_many(keys, 0, _FAILURE_CODE[failure], math.nan, started_at)
+
+    def _add_many(
+        self,
+        keys: npt.NDArray[np.int64],
+        flags: npt.NDArray[np.int64] | int,
+        failure: int,
+        rtts: npt.NDArray[np.float64] | float,
+        started_at: npt.NDArray[np.float64],
+    ) -> None:
+        self._wake()
+        out = np.empty(len(keys), RECORD_DTYPE)
+        out["key"], out["flags"], out["failure"] = keys, flags, failure
+        out["rtt"], out["sent"] = rtts, started_at
+        self.packed += out.tobytes()
 
     def ended(
         self, key: int, failure: Failure, started_at: float, details: dict[str, Any]

@@ -48,6 +48,7 @@ from probes.base import (
     blocked_result,
 )
 from probes.calls import ProbeCall
+from probes.icmp_batch import BatchEcho, batch_available
 from probes.pacing import Blocklist, Pacer, PacingPolicy
 from probes.records import Records, Row, decode
 
@@ -481,12 +482,19 @@ async def _serve(sock: socket.socket) -> None:
     reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 24)
     loop = asyncio.get_running_loop()
     _init, method, options = await _read_frame(reader)
+    # One frame per burst of results: the first result after a flush schedules the next.
+    records = Records(on_first=lambda: loop.call_soon(flush))
+    batch: BatchEcho | None = None
     try:
         prober = _prober_class(method)(**options)
         info: dict[str, Any] = {"pid": os.getpid()}
         if method == "icmp":
             prober.open(False)  # fail now, with the hint, if ICMP sockets are not permitted
             info |= {"echo_id": prober.echo_id(False), "mode": prober.mode["ipv4"]}
+            if prober.mode["ipv4"] == "datagram" and batch_available():
+                # IPv4 literals in batches; names and IPv6 still go to the prober.
+                batch = BatchEcho(records, prober)
+                info["batch_echo_ids"] = batch.echo_ids
     except Exception as exc:
         writer.write(_frame(("failed", str(exc))))
         await writer.drain()
@@ -514,9 +522,6 @@ async def _serve(sock: socket.socket) -> None:
         packed, rows = records.take()
         writer.write(_frame(("results", packed, rows, counters() if fresh else None)))
 
-    # One frame per burst of results: the first result after a flush schedules the next.
-    records = Records(on_first=lambda: loop.call_soon(flush))
-
     async def probe(
         first_key: int,
         addresses: list[str],
@@ -531,7 +536,10 @@ async def _serve(sock: socket.socket) -> None:
         try:  # a chunk it cannot read fails the calls in the parent, it does not hang them
             if keyed is not None:
                 pairs = zip(itertools.count(first_key), addresses, strict=False)
-                await keyed(fed_after(pairs), records, blocklist)
+                if batch is not None:
+                    await batch.probe_keyed(fed_after(pairs), blocklist)
+                else:
+                    await keyed(fed_after(pairs), records, blocklist)
                 return
             targets = list(map(Target, addresses))
             for place, (port, url, query) in extras.items():
@@ -575,6 +583,8 @@ async def _serve(sock: socket.socket) -> None:
         dispatcher.cancel()
         for task in tasks:
             task.cancel()
+        if batch is not None:
+            await batch.close()
         await prober.close()
         with contextlib.suppress(Exception):
             packed, rows = records.take()

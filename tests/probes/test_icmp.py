@@ -34,6 +34,7 @@ from probes.icmp import (
     build_ipv4,
     parse_icmp4,
 )
+from probes.icmp_batch import BatchEcho
 from probes.pacing import Blocklist, Pacer, PacingPolicy
 from probes.records import Records, decode
 from tests.netns import Netns, needs_root, run_in_netns
@@ -113,14 +114,21 @@ def addresses(network: str, count: int, first: int = 1) -> list[str]:
     return [str(net.network_address + first + i) for i in range(count)]
 
 
-# The two ways in: probe_many (Targets in, ProbeResults out) and probe_keyed (the worker pool's:
-# (key, address) pairs in, packed records out, no pacing of its own).
-APIS = ("probe_many", "probe_keyed")
+# The ways in: probe_many (Targets in, ProbeResults out), probe_keyed (the worker pool's: (key,
+# address) pairs in, packed records out, no pacing of its own), and the pool's batch engine
+# (BatchEcho: IPv4 over datagram sockets in batches, the rest through the prober's probe_keyed).
+APIS = ("probe_many", "probe_keyed", "batch")
+MODES_AND_APIS = [(m, a) for m in MODES for a in APIS if not (a == "batch" and m == "raw")]
 
 
 async def probe_all(
-    prober: IcmpProber, targets: list[str], pacer: Pacer | None = None, api: str = "probe_many"
+    prober: IcmpProber,
+    targets: list[str],
+    pacer: Pacer | None = None,
+    api: str = "probe_many",
+    batch: BatchEcho | None = None,
 ) -> dict[str, ProbeResult]:
+    """Probe `targets` once each through `api` (`batch`: that engine, else a new one)."""
     results: dict[str, ProbeResult] = {}
 
     def keep(result: ProbeResult) -> None:
@@ -130,9 +138,17 @@ async def probe_all(
     if api == "probe_many":
         await prober.probe_many((Target(a) for a in targets), pacer or Pacer(FAST), keep)
     else:
-        records = Records()
+        records = Records() if batch is None else batch.records
         blocklist = Blocklist() if pacer is None else pacer.blocklist
-        await prober.probe_keyed(enumerate(targets), records, blocklist)
+        if api == "batch":
+            engine = batch or BatchEcho(records, prober)
+            try:
+                await engine.probe_keyed(enumerate(targets), blocklist)
+            finally:
+                if batch is None:
+                    await engine.close()
+        else:
+            await prober.probe_keyed(enumerate(targets), records, blocklist)
         for key, reachable, success, failure, rtt, started_at, details in decode(*records.take()):
             keep(ProbeResult(Target(targets[key]), "icmp", reachable, success, failure, rtt,
                              started_at, details))  # fmt: skip
@@ -167,8 +183,7 @@ class Tap:
         self.sock.close()
 
 
-@pytest.mark.parametrize("api", APIS)
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("mode", "api"), MODES_AND_APIS)
 def test_answers_silence_and_unreachables_v4(vantage: Netns, mode: str, api: str) -> None:
     answering = addresses("10.77.0.0/16", 300)
     silent = addresses("10.78.1.0/24", 3)
@@ -214,8 +229,7 @@ def test_answers_silence_and_unreachables_v4(vantage: Netns, mode: str, api: str
     assert stats.sent == 307  # the local unreachable one never left
 
 
-@pytest.mark.parametrize("api", APIS)
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("mode", "api"), MODES_AND_APIS)
 def test_ipv6_answers_silence_and_unreachable(vantage: Netns, mode: str, api: str) -> None:
     answering = [*addresses("fd77::/64", 50), "::1"]
     silent = ["fd78:1::1"]
@@ -262,8 +276,7 @@ def test_icmp_error_times_come_from_the_kernel(vantage: Netns, mode: str) -> Non
         assert result.details["rtt_source"] == "kernel"
 
 
-@pytest.mark.parametrize("api", APIS)
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("mode", "api"), MODES_AND_APIS)
 def test_forged_and_malformed_packets_are_counted_and_ignored(
     vantage: Netns, mode: str, api: str
 ) -> None:
@@ -274,8 +287,12 @@ def test_forged_and_malformed_packets_are_counted_and_ignored(
 
     async def scenario() -> tuple[dict[str, ProbeResult], dict[str, int]]:
         prober = IcmpProber(timeout_s=1.0, privileged=MODES[mode])
+        batch = BatchEcho(Records(), prober) if api == "batch" else None
         injector = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
         forged: set[str] = set()
+
+        def ours(ident: int) -> bool:
+            return ident in batch.echo_ids if batch is not None else ident == prober.echo_id()
 
         def inject(src: str, dst: str, icmp: bytes) -> None:
             injector.sendto(build_ipv4(src, dst, icmp), (dst, 0))
@@ -284,7 +301,7 @@ def test_forged_and_malformed_packets_are_counted_and_ignored(
             parsed = parse_icmp4(packet, with_ip_header=True)
             if parsed is None or parsed.icmp_type != ICMP4_ECHO_REPLY:
                 return
-            if parsed.ident != prober.echo_id() or source not in answering or source in forged:
+            if not ours(parsed.ident) or source not in answering or source in forged:
                 return
             if len(forged) >= replies_to_forge:
                 return
@@ -305,13 +322,15 @@ def test_forged_and_malformed_packets_are_counted_and_ignored(
 
         tap = Tap(forge)
         try:
-            results = await probe_all(prober, answering + silent, api=api)
+            results = await probe_all(prober, answering + silent, api=api, batch=batch)
             await asyncio.sleep(0.2)  # forgeries still in the socket are read too
             assert len(forged) == replies_to_forge
             return results, prober.stats.as_dict()
         finally:
             tap.close()
             injector.close()
+            if batch is not None:
+                await batch.close()
             await prober.close()
 
     results, stats = run_in_netns(vantage, scenario)
@@ -465,6 +484,34 @@ def test_prober_moves_to_a_new_event_loop_between_runs(vantage: Netns) -> None:
     assert run_in_netns(vantage, one_run)
     assert run_in_netns(vantage, one_run)
     run_in_netns(vantage, close)
+
+
+def test_batch_engine_reuses_its_ring_of_slots(vantage: Netns) -> None:
+    """One socket: 65,536 slots. 125,544 echoes (most slots taken twice, a slot freed only at
+    its deadline) with a silent block among them: every probe gets exactly one result, and the
+    ones to the silent block time out."""
+    # The vantage's own AnyIP /16, and the router's 10.78.4.1 onwards (it answers all of
+    # 10.78.0.0/16 but the three test /24s below .4).
+    answering = addresses("10.77.0.0/16", 65_534) + addresses("10.78.4.0/24", 60_000)
+    silent = addresses("10.78.1.0/24", 10)
+    targets = answering[:70_000] + silent + answering[70_000:]
+
+    async def scenario() -> tuple[dict[str, ProbeResult], dict[str, int], int]:
+        prober = IcmpProber(timeout_s=0.3)
+        batch = BatchEcho(Records(), prober, sockets=1)
+        try:
+            results = await probe_all(prober, targets, api="batch", batch=batch)
+            return results, prober.stats.as_dict(), len(batch.records.packed)
+        finally:
+            await batch.close()
+            await prober.close()
+
+    results, stats, left = run_in_netns(vantage, scenario, timeout=300)
+    assert all(results[a].success for a in answering)
+    assert all(results[a].failure is Failure.TIMEOUT for a in silent)
+    assert (stats["sent"], stats["echo_replies"], stats["timeouts"]) == (125_544, 125_534, 10)
+    assert stats["unmatched"] == stats["duplicates"] == 0
+    assert left == 0
 
 
 def test_keyed_probes_screen_only_names_resolved_here(vantage: Netns) -> None:

@@ -18,7 +18,9 @@ import pytest
 
 from probes.base import ProbeResult, Target
 from probes.icmp import ICMP4_ECHO_REPLY, ICMP4_ECHO_REQUEST, IcmpProber, build_echo
-from probes.pacing import Pacer, PacingPolicy
+from probes.icmp_batch import BatchEcho
+from probes.pacing import Blocklist, Pacer, PacingPolicy
+from probes.records import Decoded, Records, decode
 from probes.stamps import RTT_KERNEL, RTT_LOOP, honest_rtt, kernel_receive_time
 from tests.netns import Netns, needs_root, run_in_netns
 
@@ -103,6 +105,39 @@ def test_rtt_excludes_time_the_reply_waited_for_a_blocked_loop(
         # ...yet reports the network's RTT.
         assert result.rtt_s is not None and 0 <= result.rtt_s < HONEST_BOUND_S, result
         assert result.details["rtt_source"] == RTT_KERNEL
+
+
+@needs_root
+@pytest.mark.root
+def test_batch_engine_rtt_excludes_time_the_reply_waited_for_a_blocked_loop(lab: Netns) -> None:
+    """The pool workers' batch engine: the RTTs are worked out for a whole batch of replies
+    at once, from the same kernel stamps."""
+    targets = [f"10.77.0.{i}" for i in range(1, 101)]
+
+    async def scenario() -> tuple[list[Decoded], float]:
+        prober = IcmpProber(timeout_s=2.0, privileged=False)
+        batch = BatchEcho(Records(), prober)
+
+        def pairs() -> Iterator[tuple[int, str]]:
+            yield from enumerate(targets)
+            asyncio.get_running_loop().call_soon(time.sleep, BLOCK_S)
+
+        try:
+            await warm_up(prober, targets[0])
+            begun = time.monotonic()
+            await batch.probe_keyed(pairs(), Blocklist())
+            return list(decode(*batch.records.take())), time.monotonic() - begun
+        finally:
+            await batch.close()
+            await prober.close()
+
+    results, took = run_in_netns(lab, scenario)
+    assert took >= BLOCK_S  # the premise: the replies were read after the block
+    assert sorted(key for key, *_ in results) == list(range(len(targets)))
+    for _key, reachable, success, failure, rtt, _started_at, details in results:
+        assert (reachable, success, failure) == (True, True, None)
+        assert rtt is not None and 0 <= rtt < HONEST_BOUND_S
+        assert details == {"rtt_source": RTT_KERNEL}
 
 
 def delayed_echo_responder(sock: socket.socket, stop: threading.Event) -> None:

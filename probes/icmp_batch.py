@@ -1,0 +1,473 @@
+"""IPv4 echo in batches, for the worker pool: sendmmsg/recvmmsg and numpy, no Python per packet.
+
+IcmpProber does per probe what a probe needs on its own (pacing, a dict entry, a result object):
+about 4 µs of Python on top of ~6 µs of kernel. A pool worker needs no pacing (its caller paced
+every target) and hands results over as packed records (probes/records.py). So here a batch of
+up to 256 echoes goes out with one sendmmsg, replies come in with one recvmmsg, and they are
+matched, timed and turned into records with numpy array operations.
+
+Scope: IPv4 literal addresses over unprivileged ICMP datagram sockets (the kernel picks each
+socket's echo id, hands it only its own replies and queues ICMP errors for it). Host names, IPv6
+and anything else go to an IcmpProber (`fallback`); so does everything where sendmmsg, recvmmsg
+or the 64-bit Linux struct layouts are missing (`batch_available()`).
+
+The probes in flight live in a ring of SOCKETS x 65,536 slots: slot i is echo seq i % 65,536 on
+socket i // 65,536, so a reply's socket and seq name its slot, and its source must be the slot's
+address. Slots are taken in send order and kept until their deadline (so a second answer is
+recognised as a duplicate): deadlines are in ring order, and the timeout sweep is a search in a
+sorted array. When the ring is full, sending waits for the oldest slot's deadline: at most
+SOCKETS x 65,536 / timeout probes per second (8 sockets, 2 s: 262,144/s) per engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+import functools
+import os
+import socket
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from probes.base import Failure, ProbeSetupError
+from probes.icmp import (
+    ICMP4_ECHO_REPLY,
+    ICMP4_ECHO_REQUEST,
+    EchoSocket,
+    IcmpProber,
+    IcmpStats,
+    error_outcome,
+    failure_for_send_error,
+    read_error_queue,
+    send_echo,
+)
+from probes.pacing import Blocklist
+from probes.records import Records
+
+SOCKETS = 8  # the default; each adds 65,536 slots to the ring
+_BATCH = 256  # messages per sendmmsg / recvmmsg
+_BATCHES_PER_CALLBACK = 16  # replies read per reader callback: at most 16 x 256
+# struct mmsghdr on 64-bit Linux as eight 64-bit words: msg_name, msg_namelen, msg_iov,
+# msg_iovlen, msg_control, msg_controllen, msg_flags, msg_len (the 32-bit fields in the low half).
+_NAME, _NAMELEN, _IOV, _IOVLEN, _CONTROL, _CONTROLLEN, _FLAGS, _LEN = range(8)
+_SOCKADDR_IN = 16
+# One control message: struct cmsghdr (len, level, type) then SO_TIMESTAMPING's first timespec.
+_CONTROL_BYTES = socket.CMSG_SPACE(48)
+_SO_TIMESTAMPING = 37
+_CLOCK_SLACK_S = 0.001  # as probes/stamps.py
+# Free slots, in flight, answered (kept until the deadline to recognise duplicates).
+_FREE, _IN_FLIGHT, _ANSWERED = 0, 1, 2
+
+
+def _libc_functions() -> tuple[Any, Any] | None:
+    if ctypes.sizeof(ctypes.c_void_p) != 8 or not hasattr(socket, "CMSG_SPACE"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        sendmmsg, recvmmsg = libc.sendmmsg, libc.recvmmsg
+    except (OSError, AttributeError):
+        return None
+    sendmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
+    recvmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int,
+                         ctypes.c_void_p]  # fmt: skip
+    sendmmsg.restype = recvmmsg.restype = ctypes.c_int
+    return sendmmsg, recvmmsg
+
+
+_LIBC = _libc_functions()
+
+
+def batch_available() -> bool:
+    """Whether this host has what the batch engine needs (64-bit Linux with sendmmsg)."""
+    return _LIBC is not None
+
+
+class _Messages:
+    """Buffers for a batch of messages and the mmsghdr array that points into them."""
+
+    def __init__(self, packet_bytes: int, control_bytes: int) -> None:
+        count = _BATCH
+        self.packets = np.zeros((count, packet_bytes), np.uint8)
+        self.names = np.zeros((count, _SOCKADDR_IN), np.uint8)
+        self.control = np.zeros((count, max(control_bytes, 8)), np.uint8)
+        self._iovecs = np.zeros((count, 2), np.uint64)
+        self.headers = np.zeros((count, 8), np.uint64)
+        rows = np.arange(count, dtype=np.uint64)
+        self._iovecs[:, 0] = self.packets.ctypes.data + rows * np.uint64(packet_bytes)
+        self._iovecs[:, 1] = packet_bytes
+        self.headers[:, _NAME] = self.names.ctypes.data + rows * np.uint64(_SOCKADDR_IN)
+        self.headers[:, _NAMELEN] = _SOCKADDR_IN
+        self.headers[:, _IOV] = self._iovecs.ctypes.data + rows * np.uint64(16)
+        self.headers[:, _IOVLEN] = 1
+        if control_bytes:
+            self.headers[:, _CONTROL] = self.control.ctypes.data + rows * np.uint64(
+                self.control.shape[1]
+            )
+            self.headers[:, _CONTROLLEN] = control_bytes
+        self._template = self.headers.copy()  # recvmmsg overwrites lengths and flags
+        self.address = self.headers.ctypes.data
+
+    def at(self, index: int) -> int:
+        """The address of message `index`'s header."""
+        return int(self.address) + index * 64
+
+    def reset(self) -> None:
+        self.headers[:] = self._template
+
+
+class _Call:
+    """One probe_keyed call: how many of its probes are still owed a result."""
+
+    __slots__ = ("done", "fed", "left")
+
+    def __init__(self, done: asyncio.Future[None]) -> None:
+        self.done = done
+        self.left = 0
+        self.fed = False
+
+    def settle(self, count: int) -> None:
+        self.left -= count
+        if self.left == 0 and self.fed and not self.done.done():
+            self.done.set_result(None)
+
+
+class BatchEcho:
+    """IPv4 echo for (key, address) pairs, results into `records` (see the module docstring).
+
+    Raises ProbeSetupError when ICMP datagram sockets are not permitted (use IcmpProber)."""
+
+    def __init__(self, records: Records, fallback: IcmpProber, sockets: int = SOCKETS) -> None:
+        if _LIBC is None:
+            raise ProbeSetupError("icmp batch: needs 64-bit Linux with sendmmsg/recvmmsg")
+        self._sendmmsg, self._recvmmsg = _LIBC
+        self.records = records
+        self.fallback = fallback
+        self.timeout_s = fallback.timeout_s
+        # One set of counters with the fallback: they are one ICMP engine to whoever reads them.
+        self.stats: IcmpStats = fallback.stats
+        payload = os.urandom(len(fallback.payload))
+        self._payload = np.frombuffer(payload, np.uint8)
+        self._sockets: list[EchoSocket] = []
+        try:
+            for _ in range(sockets):
+                self._sockets.append(EchoSocket(False, False, payload))
+        except OSError as exc:
+            self._close_sockets()
+            raise ProbeSetupError(f"icmp batch: no ICMP datagram socket ({exc})") from exc
+        self.echo_ids = [s.ident for s in self._sockets]
+        self._ids = np.array(self.echo_ids, np.int64)
+        packet = 8 + len(payload)
+        self._out = _Messages(packet, 0)
+        self._out.packets[:, 0] = ICMP4_ECHO_REQUEST  # the kernel sets id and checksum
+        self._out.packets[:, 8:] = self._payload
+        self._out.names[:, 0:2] = np.frombuffer(socket.AF_INET.to_bytes(2, "little"), np.uint8)
+        # One byte more than a reply of ours: a longer one shows as a length mismatch.
+        self._in = _Messages(packet + 1, _CONTROL_BYTES)
+        # The ring of probes in flight (see the module docstring); addresses as the 4 bytes of
+        # a sockaddr_in read as one native integer.
+        self._slots = slots = sockets << 16
+        self._address = np.zeros(slots, np.uint32)
+        self._key = np.zeros(slots, np.int64)
+        self._sent = np.zeros(slots, np.float64)  # time.monotonic() at send
+        self._sent_wall = np.zeros(slots, np.float64)
+        self._call = np.zeros(slots, np.int64)
+        self._state = np.zeros(slots, np.uint8)
+        self._head = 0  # the oldest slot taken (a counter: the ring index is it % self._slots)
+        self._next = 0  # the next slot to take
+        self._calls: dict[int, _Call] = {}
+        self._call_ids = iter(range(1, 1 << 62))
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sweep_handle: asyncio.TimerHandle | None = None
+
+    # -- public ---------------------------------------------------------------------------
+
+    async def probe_keyed(self, pairs: Iterable[tuple[int, str]], blocklist: Blocklist) -> None:
+        """Probe (key, address) pairs; results go into `records` under their keys. Like
+        IcmpProber.probe_keyed: nothing is paced here, `blocklist` screens only the addresses
+        host names resolve to (the fallback's part)."""
+        loop = self._attach()
+        call = _Call(loop.create_future())
+        number = next(self._call_ids)
+        self._calls[number] = call
+        others: list[tuple[int, str]] = []
+        keys: list[int] = []
+        addresses: list[bytes] = []
+        inet_pton, af_inet = socket.inet_pton, socket.AF_INET
+        try:
+            for key, address in pairs:
+                try:
+                    addresses.append(inet_pton(af_inet, address))
+                except OSError:  # a host name or IPv6: the fallback's
+                    others.append((key, address))
+                    continue
+                keys.append(key)
+                if len(keys) == _BATCH:
+                    await self._send(number, call, keys, addresses)
+                    keys, addresses = [], []
+            if keys:
+                await self._send(number, call, keys, addresses)
+            call.fed = True
+            call.settle(0)
+            if others:
+                await self.fallback.probe_keyed(others, self.records, blocklist)
+            await call.done
+        finally:
+            del self._calls[number]
+
+    async def close(self) -> None:
+        if self._sweep_handle is not None:
+            self._sweep_handle.cancel()
+        for call in self._calls.values():
+            if not call.done.done():
+                call.done.set_exception(ProbeSetupError("icmp batch: closed during a call"))
+        self._close_sockets()
+
+    # -- sending --------------------------------------------------------------------------
+
+    def _attach(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+            for index, endpoint in enumerate(self._sockets):
+                loop.add_reader(endpoint.sock.fileno(), self._on_readable, index)
+        elif self._loop is not loop:
+            raise ProbeSetupError("icmp batch: the engine is in use on another event loop")
+        return loop
+
+    async def _send(self, number: int, call: _Call, keys: list[int], packed: list[bytes]) -> None:
+        """Send one batch (up to _BATCH echoes), split where the ring moves to the next socket."""
+        addresses = np.frombuffer(b"".join(packed), np.uint32)
+        key_array = np.array(keys, np.int64)
+        done = 0
+        while done < len(keys):
+            await self._room_for(len(keys) - done)
+            first = self._next
+            socket_index = (first % self._slots) >> 16
+            count = min(len(keys) - done, 0x10000 - (first & 0xFFFF))
+            await self._send_run(number, call, socket_index, first, key_array[done:done + count],
+                                 addresses[done:done + count])  # fmt: skip
+            done += count
+        # Replies are read between batches: left in the socket buffer they would overflow it.
+        await asyncio.sleep(0)
+
+    async def _send_run(
+        self,
+        number: int,
+        call: _Call,
+        socket_index: int,
+        first: int,
+        keys: npt.NDArray[np.int64],
+        addresses: npt.NDArray[np.uint32],
+    ) -> None:
+        count = len(keys)
+        ring = first % self._slots
+        slots = slice(ring, ring + count)
+        seqs = (np.arange(count, dtype=np.uint32) + (first & 0xFFFF)).astype(">u2")
+        out = self._out
+        out.packets[:count, 6:8] = seqs.view(np.uint8).reshape(count, 2)
+        out.names[:count, 4:8] = addresses.view(np.uint8).reshape(count, 4)
+        # The slots are filled before sending: a reply read while a send below waits for room
+        # must find its probe.
+        self._next = first + count
+        self._address[slots] = addresses
+        self._key[slots] = keys
+        self._call[slots] = number
+        self._state[slots] = _IN_FLIGHT
+        self._stamp(slots)
+        call.left += count
+        endpoint = self._sockets[socket_index]
+        fd = endpoint.sock.fileno()
+        sent = 0
+        while sent < count:
+            went = self._sendmmsg(fd, out.at(sent), count - sent, 0)
+            if went > 0:
+                sent += went
+                self.stats.sent += went
+                if sent < count:  # the rest go a moment later: their clock starts then
+                    self._stamp(slice(ring + sent, ring + count))
+                continue
+            err = ctypes.get_errno()
+            packet = out.packets[sent].tobytes()
+            address = socket.inet_ntoa(out.names[sent, 4:8].tobytes())
+            # Waits for room, tells a stale IP_RECVERR error from a real one (see send_echo).
+            drain = functools.partial(self._drain_errors, socket_index)
+            error = await send_echo(endpoint, packet, address, drain) if err else errno.EIO
+            slot = ring + sent
+            if error is None:
+                self.stats.sent += 1
+            else:
+                self.stats.send_errors += 1
+                self._state[slot] = _FREE
+                details = {"errno": errno.errorcode.get(error, str(error))}
+                self.records.ended(int(self._key[slot]), failure_for_send_error(error),
+                                   float(self._sent_wall[slot]), details)  # fmt: skip
+                call.settle(1)
+            sent += 1
+            if sent < count:
+                self._stamp(slice(ring + sent, ring + count))
+        if self._sweep_handle is None:
+            self._arm_sweep()
+
+    def _stamp(self, slots: slice) -> None:
+        now = time.monotonic()
+        self._sent[slots] = now
+        self._sent_wall[slots] = time.time()
+
+    async def _room_for(self, count: int) -> None:
+        """Wait until `count` slots are free at the ring's end (the oldest ones expire)."""
+        while self._next + min(count, _BATCH) - self._head > self._slots:
+            self._sweep()
+            if self._next + min(count, _BATCH) - self._head <= self._slots:
+                return
+            deadline = float(self._sent[self._head % self._slots]) + self.timeout_s
+            await asyncio.sleep(max(deadline - time.monotonic(), 0.001))
+
+    # -- receiving ------------------------------------------------------------------------
+
+    def _on_readable(self, socket_index: int) -> None:
+        fd = self._sockets[socket_index].sock.fileno()
+        incoming = self._in
+        for _ in range(_BATCHES_PER_CALLBACK):
+            incoming.reset()
+            count = self._recvmmsg(fd, incoming.address, _BATCH, socket.MSG_DONTWAIT, None)
+            if count > 0:
+                self._match(socket_index, count)
+                if count < _BATCH:
+                    break
+                continue
+            if count < 0 and ctypes.get_errno() not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                continue  # a pending socket error (IP_RECVERR): the error queue explains it
+            break
+        self._drain_errors(socket_index)
+
+    def _match(self, socket_index: int, count: int) -> None:
+        """Match `count` packets just read on one socket to the probes in flight, in bulk."""
+        stats = self.stats
+        incoming = self._in
+        data = incoming.packets[:count]
+        lengths = incoming.headers[:count, _LEN] & 0xFFFFFFFF
+        stats.malformed += int(np.count_nonzero(lengths < 8))
+        echo = (lengths >= 8) & (data[:, 0] == ICMP4_ECHO_REPLY)
+        stats.unrelated += int(np.count_nonzero((lengths >= 8) & ~echo))
+        ident = (data[:, 4].astype(np.int64) << 8) | data[:, 5]
+        ours = echo & (ident == self._ids[socket_index])
+        stats.wrong_id += int(np.count_nonzero(echo & ~ours))
+        seq = (data[:, 6].astype(np.int64) << 8) | data[:, 7]
+        slot = (socket_index << 16) | seq
+        source = np.ascontiguousarray(incoming.names[:count, 4:8]).view(np.uint32).ravel()
+        state = self._state[slot]
+        matched = ours & (state != _FREE) & (self._address[slot] == source)
+        stats.unmatched += int(np.count_nonzero(ours & ~matched))
+        payload = self._payload
+        right = (lengths == 8 + len(payload)) & np.all(data[:, 8 : 8 + len(payload)] == payload, 1)
+        stats.wrong_payload += int(np.count_nonzero(matched & ~right))
+        answered = matched & right
+        first_time = answered & (state == _IN_FLIGHT)
+        # A slot answered twice in this very batch: only its first answer counts.
+        fresh, where = np.unique(slot[first_time], return_index=True)
+        stats.duplicates += int(np.count_nonzero(answered)) - len(fresh)
+        if not len(fresh):
+            return
+        stats.echo_replies += len(fresh)
+        self._state[fresh] = _ANSWERED
+        rows = np.nonzero(first_time)[0][where]
+        rtts, by_kernel = self._rtts(rows, fresh)
+        self.records.answered_many(self._key[fresh], rtts, by_kernel, self._sent_wall[fresh])
+        self._settle(fresh)
+
+    def _rtts(
+        self, rows: npt.NDArray[np.int64], slots: npt.NDArray[np.int64]
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
+        """RTTs of replies (rows of the batch) to probes (slots), as probes/stamps.honest_rtt:
+        the loop's measure minus the time each reply waited since its kernel stamp."""
+        now_wall, now = time.time(), time.monotonic()
+        control = self._in.control[rows]
+        length = self._in.headers[rows, _CONTROLLEN]
+        level = np.ascontiguousarray(control[:, 8:12]).view(np.int32).ravel()
+        kind = np.ascontiguousarray(control[:, 12:16]).view(np.int32).ravel()
+        stamp = np.ascontiguousarray(control[:, 16:32]).view(np.int64).reshape(-1, 2)
+        stamped = ((length >= 32) & (level == socket.SOL_SOCKET) & (kind == _SO_TIMESTAMPING)
+                   & (stamp.any(axis=1)))  # fmt: skip
+        waited = now_wall - (stamp[:, 0] + stamp[:, 1] * 1e-9)
+        loop_rtt = now - self._sent[slots]
+        by_kernel = stamped & (waited >= -_CLOCK_SLACK_S) & (waited <= loop_rtt)
+        rtts = np.where(by_kernel, np.maximum(loop_rtt - waited, 0.0), loop_rtt)
+        return rtts, by_kernel
+
+    def _drain_errors(self, socket_index: int) -> None:
+        endpoint = self._sockets[socket_index]
+        for ident, seq, destination, extended, received in read_error_queue(endpoint, self.stats):
+            if ident != endpoint.ident:
+                self.stats.wrong_id += 1
+                continue
+            slot = socket_index << 16 | seq
+            address = np.frombuffer(socket.inet_aton(destination), np.uint32)[0]
+            state = self._state[slot]
+            if state == _FREE or self._address[slot] != address:
+                self.stats.unrelated += 1
+                continue
+            if state == _ANSWERED:
+                self.stats.duplicates += 1
+                continue
+            self.stats.unreachable += 1
+            self._state[slot] = _ANSWERED
+            sent = float(self._sent[slot])
+            failure, details = error_outcome(False, extended.icmp_type, extended.code,
+                                             extended.offender, received, sent)  # fmt: skip
+            self.records.ended(int(self._key[slot]), failure, float(self._sent_wall[slot]),
+                               details)  # fmt: skip
+            self._settle(np.array([slot]))
+
+    # -- completion -----------------------------------------------------------------------
+
+    def _settle(self, slots: npt.NDArray[np.int64]) -> None:
+        numbers, counts = np.unique(self._call[slots], return_counts=True)
+        for number, settled in zip(numbers.tolist(), counts.tolist(), strict=True):
+            call = self._calls.get(number)
+            if call is not None:
+                call.settle(settled)
+
+    def _arm_sweep(self) -> None:
+        assert self._loop is not None
+        when = time.monotonic() + self.timeout_s / 20
+        if self._head < self._next:
+            when = max(when, float(self._sent[self._head % self._slots]) + self.timeout_s)
+        self._sweep_handle = self._loop.call_at(when, self._on_sweep)
+
+    def _on_sweep(self) -> None:
+        self._sweep_handle = None
+        self._sweep()
+        if self._head < self._next:
+            self._arm_sweep()
+
+    def _sweep(self) -> None:
+        """Free every slot whose deadline passed; the ones never answered end as timeouts."""
+        sent_before = time.monotonic() - self.timeout_s
+        while self._head < self._next:
+            start = self._head % self._slots
+            run = min(self._next - self._head, self._slots - start)
+            expired = int(np.searchsorted(self._sent[start : start + run], sent_before, "right"))
+            if not expired:
+                return
+            span = slice(start, start + expired)
+            timed_out = np.nonzero(self._state[span] == _IN_FLIGHT)[0] + start
+            if len(timed_out):
+                self.stats.timeouts += len(timed_out)
+                self.records.ended_many(self._key[timed_out], Failure.TIMEOUT,
+                                        self._sent_wall[timed_out])  # fmt: skip
+                self._settle(timed_out)
+            self._state[span] = _FREE
+            self._head += expired
+            if expired < run:
+                return
+
+    def _close_sockets(self) -> None:
+        for endpoint in self._sockets:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(endpoint.sock.fileno())
+            endpoint.close()
