@@ -165,7 +165,7 @@ class BatchEcho:
         self._out = _Messages(packet, 0)
         self._out.packets[:, 0] = ICMP4_ECHO_REQUEST  # the kernel sets id and checksum
         self._out.packets[:, 8:] = self._payload
-        self._out.names[:, 0:2] = np.frombuffer(socket.AF_INET.to_bytes(2, "little"), np.uint8)
+        self._out.names[:, 0:2] = np.array([socket.AF_INET], np.uint16).view(np.uint8)
         # One byte more than a reply of ours: a longer one shows as a length mismatch.
         self._in = _Messages(packet + 1, _CONTROL_BYTES)
         # The ring of probes in flight (see the module docstring); addresses as the 4 bytes of
@@ -183,6 +183,9 @@ class BatchEcho:
         self._call_ids = iter(range(1, 1 << 62))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweep_handle: asyncio.TimerHandle | None = None
+        # One batch in the send buffers at a time: a send that has to wait (a full socket
+        # buffer) must not have its messages overwritten by another call's batch meanwhile.
+        self._sending = asyncio.Lock()
 
     # -- public ---------------------------------------------------------------------------
 
@@ -244,14 +247,16 @@ class BatchEcho:
         addresses = np.frombuffer(b"".join(packed), np.uint32)
         key_array = np.array(keys, np.int64)
         done = 0
-        while done < len(keys):
-            await self._room_for(len(keys) - done)
-            first = self._next
-            socket_index = (first % self._slots) >> 16
-            count = min(len(keys) - done, 0x10000 - (first & 0xFFFF))
-            await self._send_run(number, call, socket_index, first, key_array[done:done + count],
-                                 addresses[done:done + count])  # fmt: skip
-            done += count
+        async with self._sending:
+            while done < len(keys):
+                await self._room_for(len(keys) - done)
+                first = self._next
+                socket_index = (first % self._slots) >> 16
+                count = min(len(keys) - done, 0x10000 - (first & 0xFFFF))
+                run = slice(done, done + count)
+                await self._send_run(number, call, socket_index, first, key_array[run],
+                                     addresses[run])  # fmt: skip
+                done += count
         # Replies are read between batches: left in the socket buffer they would overflow it.
         await asyncio.sleep(0)
 

@@ -36,7 +36,7 @@ from probes.icmp import (
 )
 from probes.icmp_batch import BatchEcho
 from probes.pacing import Blocklist, Pacer, PacingPolicy
-from probes.records import Records, decode
+from probes.records import Decoded, Records, decode
 from tests.netns import Netns, needs_root, run_in_netns
 from tests.probes.test_icmp_rtt import HONEST_BOUND_S, probe_with_blocked_loop, warm_up
 
@@ -512,6 +512,31 @@ def test_batch_engine_reuses_its_ring_of_slots(vantage: Netns) -> None:
     assert (stats["sent"], stats["echo_replies"], stats["timeouts"]) == (125_544, 125_534, 10)
     assert stats["unmatched"] == stats["duplicates"] == 0
     assert left == 0
+
+
+def test_batch_engine_serves_concurrent_calls(vantage: Netns) -> None:
+    """Two calls at once (a worker starts the next chunk before the last one is answered),
+    one with a host name in it: each key gets its own result, from its own address."""
+    first = addresses("10.77.20.0/24", 3000)
+    second = [*addresses("10.77.40.0/24", 2999), "localhost"]
+
+    async def scenario() -> tuple[list[Decoded], dict[str, int]]:
+        prober = IcmpProber(timeout_s=0.5)
+        batch = BatchEcho(Records(), prober)
+        try:
+            await asyncio.gather(
+                batch.probe_keyed(enumerate(first), Blocklist()),
+                batch.probe_keyed(enumerate(second, start=10_000), Blocklist()),
+            )
+            return list(decode(*batch.records.take())), prober.stats.as_dict()
+        finally:
+            await batch.close()
+            await prober.close()
+
+    results, stats = run_in_netns(vantage, scenario)
+    assert sorted(key for key, *_ in results) == [*range(3000), *range(10_000, 13_000)]
+    assert all(success for _key, _reachable, success, *_ in results)
+    assert stats["echo_replies"] == 6000 and stats["unmatched"] == 0
 
 
 def test_keyed_probes_screen_only_names_resolved_here(vantage: Netns) -> None:
