@@ -25,7 +25,6 @@ import asyncio
 import ctypes
 import errno
 import functools
-import os
 import socket
 import time
 from collections.abc import Iterable
@@ -150,7 +149,7 @@ class BatchEcho:
         self.timeout_s = fallback.timeout_s
         # One set of counters with the fallback: they are one ICMP engine to whoever reads them.
         self.stats: IcmpStats = fallback.stats
-        payload = os.urandom(len(fallback.payload))
+        payload = fallback.payload  # one payload per worker: its fallback's echoes carry it too
         self._payload = np.frombuffer(payload, np.uint8)
         self._sockets: list[EchoSocket] = []
         try:
