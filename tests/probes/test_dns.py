@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from probes.base import DnsQuery, Failure, ProbeResult, ProbeSetupError, Target
 from probes.dns import DnsProber, check_query, judge_response, normalize_answer
 from probes.pacing import Blocklist, Pacer, PacingPolicy
+from tests.probes.blocked_loop import BLOCK_S, HONEST_BOUND_S, then_block
 from tests.probes.servers import DnsBehaviour, DnsResponder, free_port
 
 RIGHT = "192.0.2.10"
@@ -250,10 +251,6 @@ def test_mangled_responses_never_crash_the_prober(
 
 # --- RTT: the kernel's receive stamp for UDP, the loop's measure for TCP -------------------------
 
-BLOCK_S = 0.3
-HONEST_BOUND_S = 0.05  # far below BLOCK_S, far above a loopback exchange (microseconds)
-
-
 @contextlib.contextmanager
 def responder_in_a_thread(zone: dict[str, DnsBehaviour]) -> Iterator[int]:
     """A DnsResponder on its own event loop in a thread: it answers while the prober's loop is
@@ -281,17 +278,13 @@ async def test_udp_rtt_is_the_kernels_not_a_blocked_loops() -> None:
     blocked for BLOCK_S, as a busy daemon's would be; the answers arrive meanwhile."""
     count = 20
 
-    def blocking_after(targets: list[Target]) -> Iterator[Target]:
-        yield from targets
-        asyncio.get_running_loop().call_soon(time.sleep, BLOCK_S)
-
     got: list[tuple[ProbeResult, float]] = []
     with responder_in_a_thread(ZONE) as port:
         query = DnsQuery("ok.test", "A", frozenset({RIGHT}))
         targets = [Target("127.0.0.1", port, query=query)] * count
         pacer = Pacer(PacingPolicy(rate_pps=None, per_block_pps=None))
         await DnsProber(timeout_s=2.0).probe_many(
-            blocking_after(targets), pacer, lambda r: got.append((r, time.time()))
+            then_block(targets), pacer, lambda r: got.append((r, time.time()))
         )
     assert len(got) == count
     # The loop saw most answers only after the block (an answer that was already there when

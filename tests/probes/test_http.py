@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ from probes.base import Failure, ProbeResult, ProbeSetupError, Target
 from probes.http import HttpProber, default_user_agent, phase_timings
 from probes.pacing import Blocklist, Pacer, PacingPolicy
 from tests.netns import Netns, needs_root, run_in_netns
+from tests.probes.blocked_loop import BLOCK_S, HONEST_BOUND_S, then_block
 from tests.probes.servers import (
     free_port,
     http_app,
@@ -379,18 +378,10 @@ async def test_host_name_is_resolved_each_probe_and_checked_against_the_blocklis
 
 # --- RTT: the kernel's handshake measure (TCP_INFO), as for TCP ---------------------------------
 
-BLOCK_S = 0.3
-HONEST_BOUND_S = 0.05  # far below BLOCK_S, far above a loopback handshake (microseconds)
-
-
 async def test_rtt_is_the_handshake_the_kernel_measured_not_a_blocked_loop() -> None:
     """Once the last target is taken (its connect is under way), the event loop is blocked
     for BLOCK_S, as a busy daemon's would be: the RTT must not contain that wait."""
     count = 20
-
-    def blocking_after(targets: list[Target]) -> Iterator[Target]:
-        yield from targets
-        asyncio.get_running_loop().call_soon(time.sleep, BLOCK_S)
 
     async with http_app(_routes()) as port:
         url = f"http://127.0.0.1:{port}/ok"
@@ -399,7 +390,7 @@ async def test_rtt_is_the_handshake_the_kernel_measured_not_a_blocked_loop() -> 
         pacer = Pacer(PacingPolicy(rate_pps=None, per_block_pps=None))
         try:
             await prober.probe_many(
-                blocking_after([Target("127.0.0.1", url=url)] * count), pacer, results.append
+                then_block([Target("127.0.0.1", url=url)] * count), pacer, results.append
             )
         finally:
             await prober.close()

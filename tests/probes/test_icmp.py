@@ -38,7 +38,8 @@ from probes.icmp_batch import BatchEcho
 from probes.pacing import Blocklist, Pacer, PacingPolicy
 from probes.records import Decoded, Records, decode
 from tests.netns import Netns, needs_root, run_in_netns
-from tests.probes.test_icmp_rtt import HONEST_BOUND_S, probe_with_blocked_loop, warm_up
+from tests.probes.blocked_loop import HONEST_BOUND_S
+from tests.probes.test_icmp_rtt import probe_with_blocked_loop, warm_up
 
 pytestmark = [needs_root, pytest.mark.root]
 

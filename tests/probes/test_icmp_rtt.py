@@ -23,12 +23,10 @@ from probes.pacing import Blocklist, Pacer, PacingPolicy
 from probes.records import Decoded, Records, decode
 from probes.stamps import RTT_KERNEL, RTT_LOOP, honest_rtt, kernel_receive_time
 from tests.netns import Netns, needs_root, run_in_netns
+from tests.probes.blocked_loop import BLOCK_S, HONEST_BOUND_S, then_block
 
 MODES = {"datagram": False, "raw": True}
 FAST = PacingPolicy(rate_pps=None, max_in_flight=4096, per_block_pps=None)
-BLOCK_S = 0.3
-# Far below BLOCK_S, far above a loopback RTT (microseconds) on a busy machine.
-HONEST_BOUND_S = 0.05
 RESPONDER_DELAY_S = 0.05
 
 
@@ -42,14 +40,6 @@ def lab() -> Iterator[Netns]:
         ns.exec("ip", "route", "add", "local", "10.77.0.0/16", "dev", "lo")
         ns.exec("ip", "-6", "route", "add", "local", "fd77::/64", "dev", "lo")
         yield ns
-
-
-def blocking_after(targets: list[str]) -> Iterator[Target]:
-    """Yield the targets; once the prober has sent the last one (it asks for the next), block
-    the event loop for BLOCK_S before it can read any reply."""
-    for address in targets:
-        yield Target(address)
-    asyncio.get_running_loop().call_soon(time.sleep, BLOCK_S)
 
 
 async def warm_up(prober: IcmpProber, target: str) -> None:
@@ -73,7 +63,7 @@ async def probe_with_blocked_loop(
     await warm_up(prober, warm_up_target or targets[0])
     got: list[tuple[ProbeResult, float]] = []
     await prober.probe_many(
-        blocking_after(targets), Pacer(FAST), lambda r: got.append((r, time.time()))
+        then_block(map(Target, targets)), Pacer(FAST), lambda r: got.append((r, time.time()))
     )
     assert sorted(r.target.address for r, _ in got) == sorted(targets)
     return got
@@ -118,14 +108,10 @@ def test_batch_engine_rtt_excludes_time_the_reply_waited_for_a_blocked_loop(lab:
         prober = IcmpProber(timeout_s=2.0, privileged=False)
         batch = BatchEcho(Records(), prober)
 
-        def pairs() -> Iterator[tuple[int, str]]:
-            yield from enumerate(targets)
-            asyncio.get_running_loop().call_soon(time.sleep, BLOCK_S)
-
         try:
             await warm_up(prober, targets[0])
             begun = time.monotonic()
-            await batch.probe_keyed(pairs(), Blocklist())
+            await batch.probe_keyed(then_block(enumerate(targets)), Blocklist())
             return list(decode(*batch.records.take())), time.monotonic() - begun
         finally:
             await batch.close()

@@ -11,7 +11,6 @@ import socket
 import struct
 import subprocess
 import time
-from collections.abc import Iterator
 
 import pytest
 from hypothesis import given
@@ -22,6 +21,7 @@ from probes.oserrors import failure_from_oserror
 from probes.pacing import Blocklist, Pacer, PacingPolicy
 from probes.tcp import TcpProber, handshake_rtt, parse_tcp_info_rtt
 from tests.netns import Netns, needs_root, run_in_netns
+from tests.probes.blocked_loop import BLOCK_S, HONEST_BOUND_S, then_block
 from tests.probes.servers import free_port, raw_tcp_server, reset_after_request
 
 
@@ -319,24 +319,13 @@ async def test_running_out_of_descriptors_delays_probes_instead_of_failing_them(
 
 # --- RTTs: the kernel's handshake measure, not the event loop's --------------------------------
 
-BLOCK_S = 0.3
-HONEST_BOUND_S = 0.05  # far below BLOCK_S, far above a loopback handshake (microseconds)
-
-
-def _blocking_after(targets: list[Target]) -> Iterator[Target]:
-    """Yield the targets; once the last SYN is out (the prober asks for the next target), block
-    the event loop for BLOCK_S, as a busy daemon would, before it can see any handshake end."""
-    yield from targets
-    asyncio.get_running_loop().call_soon(time.sleep, BLOCK_S)
-
-
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
 async def test_handshake_rtt_excludes_time_the_loop_was_blocked(host: str) -> None:
     got: list[tuple[ProbeResult, float]] = []
     async with raw_tcp_server(_accept_and_wait, host=host) as port:
         targets = [Target(host)] * 60
         await TcpProber(ports=(port,), timeout_s=2).probe_many(
-            _blocking_after(targets), _pacer(), lambda r: got.append((r, time.time()))
+            then_block(targets), _pacer(), lambda r: got.append((r, time.time()))
         )
     assert len(got) == 60
     for result, handed_over in got:
