@@ -115,7 +115,7 @@ class _Probe:
 
     __slots__ = (
         "address", "answered", "deadline", "family", "first_failure", "index", "outcomes",
-        "ports", "sock", "started", "started_at", "target",
+        "ports", "resource_deadline", "sock", "started", "started_at", "target",
     )  # fmt: skip
 
     def __init__(self, target: Target, ports: tuple[int, ...], started_at: float) -> None:
@@ -132,6 +132,7 @@ class _Probe:
         self.sock: socket.socket | None = None
         self.started = 0.0  # perf_counter() when the current attempt's SYN went out
         self.deadline = 0.0
+        self.resource_deadline = 0.0  # the end of its wait for a descriptor when none is ours
 
 
 class _ConnectRun(ProbeCall):
@@ -246,9 +247,7 @@ class _ConnectRun(ProbeCall):
         try:
             sock = socket.socket(probe.family, _SOCKET_FLAGS)
         except OSError as exc:
-            if exc.errno in _OUT_OF_RESOURCES and self.by_fd:
-                # Out of descriptors or memory while our own sockets are open: a "down" result
-                # would be a false alarm, so wait for some of them to close and try again.
+            if exc.errno in _OUT_OF_RESOURCES and self._may_wait_for_resources(probe):
                 self.resource_waits += 1
                 self.loop.call_later(_RESOURCE_RETRY_S, self._attempt_if_running, probe)
                 return
@@ -335,6 +334,17 @@ class _ConnectRun(ProbeCall):
             self.loop.call_later(delay, self._attempt_if_running, probe)
         else:
             self.loop.call_soon(self._attempt_if_running, probe)
+
+    def _may_wait_for_resources(self, probe: _Probe) -> bool:
+        """Out of descriptors or memory: a "down" result would be a false alarm, so wait and try
+        again. While our own sockets are open some close soon; else others in the process hold
+        them (a server's accepted connections, another prober), so wait up to one timeout."""
+        if self.by_fd:
+            return True
+        now = time.perf_counter()
+        if not probe.resource_deadline:
+            probe.resource_deadline = now + self.timeout_s
+        return now < probe.resource_deadline
 
     def _attempt_if_running(self, probe: _Probe) -> None:
         if self.error is None and not self.done.done():

@@ -317,6 +317,37 @@ async def test_running_out_of_descriptors_delays_probes_instead_of_failing_them(
     assert prober.resource_waits > 0
 
 
+async def test_descriptors_held_elsewhere_delay_a_probe_up_to_its_timeout() -> None:
+    """Out of descriptors with none of the prober's own sockets open (another part of the
+    process holds them): the probe waits for one, up to its timeout, and goes out once one is
+    free; when none comes free in time it ends as a local error, `other` with the errno."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    async with raw_tcp_server(_accept_and_wait) as port:
+        loop = asyncio.get_running_loop()
+        spare = [os.open("/dev/null", os.O_RDONLY) for _ in range(4)]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(spare) + 1, hard))
+        try:
+            prober = TcpProber(ports=(port,), timeout_s=2.0)
+            # Two free descriptors: one for the prober's epoll set, one the filler takes...
+            os.close(spare.pop())
+            os.close(spare.pop())
+            filler = os.open("/dev/null", os.O_RDONLY)
+            loop.call_later(0.3, os.close, filler)  # ...and lets go of in 0.3 s
+            [freed] = await _probe(prober, [Target("127.0.0.1")])
+            waits_then = prober.resource_waits
+            filler = os.open("/dev/null", os.O_RDONLY)  # held for good this time
+            [starved] = await _probe(TcpProber(ports=(port,), timeout_s=0.3),
+                                     [Target("127.0.0.1")])  # fmt: skip
+            os.close(filler)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            for fd in spare:
+                os.close(fd)
+    assert freed.success and waits_then > 0, freed
+    assert starved.failure is Failure.OTHER and not starved.reachable
+    assert starved.details["ports"][f"{port}_errno"] == "EMFILE", starved.details
+
+
 # --- RTTs: the kernel's handshake measure, not the event loop's --------------------------------
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
