@@ -232,6 +232,34 @@ def test_icmp_to_loopback() -> None:
     assert line["method"] == "icmp" and line["reachable"] is True
 
 
+def test_workers_share_one_rate_and_report_every_result(servers: dict[str, int]) -> None:
+    """--workers 2: the probes go out from two worker processes, every result comes back once,
+    and the caller's one Pacer still bounds the whole run."""
+    good, closed = f"127.0.0.1:{servers['tcp']}", f"127.0.0.1:{free_port()}"
+    targets = [good] * 200 + [closed] * 10
+    result = invoke("--method", "tcp", "--workers", "2", "--rate", "400", "--concurrency", "32",
+                    "--json", "--summary", *targets)  # fmt: skip
+    assert result.exit_code == 1, result.output
+    *lines, summary = _json_lines(result.output)
+    assert len(lines) == 210
+    assert sorted(line["failure"] or "ok" for line in lines) == (
+        ["connection_refused"] * 10 + ["ok"] * 200
+    )
+    assert summary["probes"] == 210 and summary["succeeded"] == 200
+    assert summary["failures"] == {"connection_refused": 10}
+    # 210 probes at 400/s over both workers together cannot take less than about half a second.
+    assert summary["elapsed_s"] >= 0.5
+
+
+def test_icmp_workers_to_loopback() -> None:
+    addresses = [f"127.0.0.{i}" for i in range(1, 41)]
+    result = invoke("--method", "icmp", "--workers", "2", "--timeout", "1", "--rate", "10000",
+                    "--summary", *addresses)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = _json_lines(result.output)[-1]
+    assert summary["probes"] == summary["answered"] == summary["succeeded"] == 40
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -251,6 +279,7 @@ def test_icmp_to_loopback() -> None:
         (["--method", "tcp", "--name", "a.test", "127.0.0.1"], "--name applies"),
         (["--method", "tcp", "--rate", "0", "127.0.0.1"], "--rate"),
         (["--method", "tcp", "--concurrency", "0", "127.0.0.1"], "--concurrency"),
+        (["--method", "tcp", "--workers", "0", "127.0.0.1"], "--workers"),
     ],
 )
 def test_bad_usage_exits_2_and_says_what_is_wrong(args: list[str], message: str) -> None:
