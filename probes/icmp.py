@@ -268,15 +268,18 @@ def failure_for_send_error(err: int) -> Failure:
 
 async def send_echo(
     endpoint: EchoSocket, packet: bytes, address: str, drain_errors: Callable[[], None]
-) -> int | None:
-    """Send one echo the slow way, after a quick send failed: waits for room in a full buffer;
-    returns an errno when the kernel refused it for good. `drain_errors` reads the socket's
-    error queue (datagram sockets)."""
+) -> tuple[int | None, float]:
+    """Send one echo the slow way, after a quick send failed: waits for room in a full buffer.
+    Returns None, or an errno when the kernel refused it for good, and time.monotonic() just
+    before the last attempt: when it went (its answer may be queued before sendto returns).
+    `drain_errors` reads the socket's error queue (datagram sockets)."""
     retried_stale = False
+    tried = time.monotonic()
     for _attempt in range(1000):
+        tried = time.monotonic()
         try:
             endpoint.sock.sendto(packet, (address, 0))
-            return None
+            return None, tried
         except BlockingIOError:
             await _writable(endpoint.sock)
         except OSError as exc:
@@ -289,8 +292,8 @@ async def send_echo(
                 retried_stale = True
                 drain_errors()
                 continue
-            return exc.errno or errno.EIO
-    return errno.ENOBUFS
+            return exc.errno or errno.EIO, tried
+    return errno.ENOBUFS, tried
 
 
 async def _writable(sock: socket.socket) -> None:
@@ -736,7 +739,9 @@ class IcmpProber:
                     error = None
                 except OSError:  # a full buffer, or a route error: the slow path sorts it out
                     drain = functools.partial(self._drain_error_queue, endpoint)
-                    error = await send_echo(endpoint, packet, key_address, drain)
+                    # It went (or was refused) after the wait: its clock starts then.
+                    error, sent_mono = await send_echo(endpoint, packet, key_address, drain)
+                    started_at = wall_offset + sent_mono
                 if error is not None:
                     if pacer is not None:
                         pacer.release_slot()

@@ -3,7 +3,7 @@
 IcmpProber does per probe what a probe needs on its own (pacing, a dict entry, a result object):
 about 4 µs of Python on top of ~6 µs of kernel. A pool worker needs no pacing (its caller paced
 every target) and hands results over as packed records (probes/records.py). So here a batch of
-up to 256 echoes goes out with one sendmmsg, replies come in with one recvmmsg, and they are
+up to 256 echoes goes out in a few sendmmsg calls, replies come in with one recvmmsg, and they are
 matched, timed and turned into records with numpy array operations.
 
 Scope: IPv4 literal addresses over unprivileged ICMP datagram sockets (the kernel picks each
@@ -15,8 +15,16 @@ The probes in flight live in a ring of SOCKETS x 65,536 slots: slot i is echo se
 socket i // 65,536, so a reply's socket and seq name its slot, and its source must be the slot's
 address. Slots are taken in send order and kept until their deadline (so a second answer is
 recognised as a duplicate): deadlines are in ring order, and the timeout sweep is a search in a
-sorted array. When the ring is full, sending waits for the oldest slot's deadline: at most
-SOCKETS x 65,536 / timeout probes per second (8 sockets, 2 s: 262,144/s) per engine.
+sorted array. The sweep stops where the probes not yet handed to the kernel begin (a send that
+waits for room holds them), so a probe never times out before it went. When the ring is full,
+sending waits for the oldest slot's deadline: at most SOCKETS x 65,536 / timeout probes per
+second (8 sockets, 2 s: 262,144/s) per engine.
+
+Send times: a batch goes out in sendmmsg calls of _PER_SEND_CALL echoes, each echo stamped with
+the time just before its call: a true lower bound of when it went, so an RTT (the reply's
+kernel receive stamp minus that, probes/stamps.py) is over by at most one call's duration,
+never under. One call for the whole batch would put up to ~2 ms of it into the last echoes'
+RTTs on loopback.
 """
 
 from __future__ import annotations
@@ -49,7 +57,11 @@ from probes.pacing import Blocklist
 from probes.records import Records
 
 SOCKETS = 8  # the default; each adds 65,536 slots to the ring
-_BATCH = 256  # messages per sendmmsg / recvmmsg
+_BATCH = 256  # messages per batch and per recvmmsg
+# Messages per sendmmsg: all of a call's echoes are stamped with the time just before it, so an
+# RTT is over by at most one call's duration (on loopback ~7 µs per echo, the target's reply
+# included: ~0.1 ms for 16; 256 would be ~2 ms). A call costs ~1.5 µs of its own.
+_PER_SEND_CALL = 16
 _BATCHES_PER_CALLBACK = 16  # replies read per reader callback: at most 16 x 256
 # struct mmsghdr on 64-bit Linux as eight 64-bit words: msg_name, msg_namelen, msg_iov,
 # msg_iovlen, msg_control, msg_controllen, msg_flags, msg_len (the 32-bit fields in the low half).
@@ -178,6 +190,9 @@ class BatchEcho:
         self._state = np.zeros(slots, np.uint8)
         self._head = 0  # the oldest slot taken (a counter: the ring index is it % self._slots)
         self._next = 0  # the next slot to take
+        # Slots before it went to the kernel (or failed); the sweep never goes past it, so a
+        # probe still waiting to be sent cannot time out (the one run being sent holds the rest).
+        self._handed = 0
         self._calls: dict[int, _Call] = {}
         self._call_ids = iter(range(1, 1 << 62))
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -276,7 +291,7 @@ class BatchEcho:
         out.packets[:count, 6:8] = seqs.view(np.uint8).reshape(count, 2)
         out.names[:count, 4:8] = addresses.view(np.uint8).reshape(count, 4)
         # The slots are filled before sending: a reply read while a send below waits for room
-        # must find its probe.
+        # must find its probe. Their stamps are placeholders until each one went.
         self._next = first + count
         self._address[slots] = addresses
         self._key[slots] = keys
@@ -287,33 +302,48 @@ class BatchEcho:
         endpoint = self._sockets[socket_index]
         fd = endpoint.sock.fileno()
         sent = 0
-        while sent < count:
-            went = self._sendmmsg(fd, out.at(sent), count - sent, 0)
-            if went > 0:
-                sent += went
-                self.stats.sent += went
-                if sent < count:  # the rest go a moment later: their clock starts then
-                    self._stamp(slice(ring + sent, ring + count))
-                continue
-            err = ctypes.get_errno()
-            packet = out.packets[sent].tobytes()
-            address = socket.inet_ntoa(out.names[sent, 4:8].tobytes())
-            # Waits for room, tells a stale IP_RECVERR error from a real one (see send_echo).
-            drain = functools.partial(self._drain_errors, socket_index)
-            error = await send_echo(endpoint, packet, address, drain) if err else errno.EIO
-            slot = ring + sent
-            if error is None:
-                self.stats.sent += 1
-            else:
-                self.stats.send_errors += 1
-                self._state[slot] = _FREE
-                details = {"errno": errno.errorcode.get(error, str(error))}
-                self.records.ended(int(self._key[slot]), failure_for_send_error(error),
-                                   float(self._sent_wall[slot]), details)  # fmt: skip
-                call.settle(1)
-            sent += 1
-            if sent < count:
-                self._stamp(slice(ring + sent, ring + count))
+        try:
+            while sent < count:
+                before, before_wall = time.monotonic(), time.time()
+                went = self._sendmmsg(fd, out.at(sent), min(count - sent, _PER_SEND_CALL), 0)
+                if went > 0:
+                    self._stamp_sent(ring + sent, went, before, before_wall)
+                    sent += went
+                    self._handed = first + sent
+                    self.stats.sent += went
+                    continue
+                err = ctypes.get_errno()
+                packet = out.packets[sent].tobytes()
+                address = socket.inet_ntoa(out.names[sent, 4:8].tobytes())
+                # Waits for room, tells a stale IP_RECVERR error from a real one (see send_echo).
+                drain = functools.partial(self._drain_errors, socket_index)
+                if err:
+                    error, tried = await send_echo(endpoint, packet, address, drain)
+                else:
+                    error, tried = errno.EIO, time.monotonic()
+                slot = ring + sent
+                # It went (or was refused) after the wait: the stamps stay in ring order,
+                # which the sweep's search needs.
+                self._stamp_sent(slot, 1, tried, tried + time.time() - time.monotonic())
+                if error is None:
+                    self.stats.sent += 1
+                else:
+                    self.stats.send_errors += 1
+                    if self._state[slot] == _IN_FLIGHT:  # else a (forged) answer came first
+                        self._state[slot] = _FREE
+                        details = {"errno": errno.errorcode.get(error, str(error))}
+                        self.records.ended(int(self._key[slot]), failure_for_send_error(error),
+                                           float(self._sent_wall[slot]), details)  # fmt: skip
+                        call.settle(1)
+                sent += 1
+                self._handed = first + sent
+        finally:
+            if sent < count:  # cancelled or failed mid-run: what never went owes no result
+                unsent = slice(ring + sent, ring + count)
+                call.left -= int(np.count_nonzero(self._state[unsent] == _IN_FLIGHT))
+                self._state[unsent] = _FREE
+                self._stamp(unsent)
+                self._handed = first + count
         if self._sweep_handle is None:
             self._arm_sweep()
 
@@ -321,6 +351,10 @@ class BatchEcho:
         now = time.monotonic()
         self._sent[slots] = now
         self._sent_wall[slots] = time.time()
+
+    def _stamp_sent(self, start: int, count: int, mono: float, wall: float) -> None:
+        self._sent[start : start + count] = mono
+        self._sent_wall[start : start + count] = wall
 
     async def _room_for(self, count: int) -> None:
         """Wait until `count` slots are free at the ring's end (the oldest ones expire)."""
@@ -452,9 +486,9 @@ class BatchEcho:
     def _sweep(self) -> None:
         """Free every slot whose deadline passed; the ones never answered end as timeouts."""
         sent_before = time.monotonic() - self.timeout_s
-        while self._head < self._next:
+        while self._head < self._handed:
             start = self._head % self._slots
-            run = min(self._next - self._head, self._slots - start)
+            run = min(self._handed - self._head, self._slots - start)
             expired = int(np.searchsorted(self._sent[start : start + run], sent_before, "right"))
             if not expired:
                 return

@@ -18,7 +18,7 @@ import socket
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -39,6 +39,7 @@ from probes.pacing import Blocklist, Pacer, PacingPolicy
 from probes.records import Decoded, Records, decode
 from tests.netns import Netns, needs_root, run_in_netns
 from tests.probes.blocked_loop import HONEST_BOUND_S
+from tests.probes.icmp_tap import Tap
 from tests.probes.test_icmp_rtt import probe_with_blocked_loop, warm_up
 
 pytestmark = [needs_root, pytest.mark.root]
@@ -155,33 +156,6 @@ async def probe_all(
                              started_at, details))  # fmt: skip
     assert set(results) == set(targets)
     return results
-
-
-class Tap:
-    """A raw ICMP socket in the namespace that sees every ICMP packet delivered there (echo
-    requests to the AnyIP range included) and may react to each one."""
-
-    def __init__(self, react: Callable[[bytes, str], None] | None = None) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-        self.sock.setblocking(False)
-        self.requests: Counter[str] = Counter()
-        self.react = react
-        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._read)
-
-    def _read(self) -> None:
-        while True:
-            try:
-                packet, (source, _port) = self.sock.recvfrom(4096)
-            except BlockingIOError:
-                return
-            if packet[20] == ICMP4_ECHO_REQUEST:
-                self.requests[socket.inet_ntoa(packet[16:20])] += 1
-            if self.react is not None:
-                self.react(packet, source)
-
-    def close(self) -> None:
-        asyncio.get_running_loop().remove_reader(self.sock.fileno())
-        self.sock.close()
 
 
 @pytest.mark.parametrize(("mode", "api"), MODES_AND_APIS)
@@ -517,7 +491,8 @@ def test_batch_engine_reuses_its_ring_of_slots(vantage: Netns) -> None:
 
 def test_batch_engine_serves_concurrent_calls(vantage: Netns) -> None:
     """Two calls at once (a worker starts the next chunk before the last one is answered),
-    one with a host name in it: each key gets its own result, from its own address."""
+    one with a host name in it: each key gets its own result. (Calls that wait inside a send:
+    test_batch_sends_that_wait_for_room_keep_their_probes.)"""
     first = addresses("10.77.20.0/24", 3000)
     second = [*addresses("10.77.40.0/24", 2999), "localhost"]
 
@@ -538,6 +513,53 @@ def test_batch_engine_serves_concurrent_calls(vantage: Netns) -> None:
     assert sorted(key for key, *_ in results) == [*range(3000), *range(10_000, 13_000)]
     assert all(success for _key, _reachable, success, *_ in results)
     assert stats["echo_replies"] == 6000 and stats["unmatched"] == 0
+
+
+def test_batch_sends_that_wait_for_room_keep_their_probes() -> None:
+    """A full queue on the way out: a token bucket on loopback lets ~100 probes/s through and
+    refuses the rest (ENOBUFS), and the replies it queues take the room that frees up, so each
+    batch's sendmmsg stops early and some later echoes wait for room longer than the timeout.
+    Two calls at once. Every probe gets exactly one result; every result's send time is when
+    its echo really went (a tap sees each request arrive: never earlier than that, never more
+    than the bucket's queue later), so none timed out before it went; neither call's batch
+    overwrote the other's while it waited (a probe sent twice is answered twice)."""
+    timeout = 0.5
+    with Netns("batchq") as ns:
+        ns.sysctl("net.ipv4.ping_group_range", "0 2147483647")
+        ns.exec("ip", "route", "add", "local", "10.77.0.0/16", "dev", "lo")
+        # At most 3,000 bytes queued at 12,500 bytes/s: a request that got in arrives within
+        # 0.24 s.
+        ns.exec("tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "100kbit",
+                "burst", "1600", "limit", "3000")  # fmt: skip
+        first, second = addresses("10.77.1.0/24", 300), addresses("10.77.3.0/24", 300)
+        targets = {**dict(enumerate(first)), **dict(enumerate(second, start=10_000))}
+
+        async def scenario() -> tuple[list[Decoded], dict[str, int], dict[tuple[int, str], float]]:
+            prober = IcmpProber(timeout_s=timeout)
+            batch = BatchEcho(Records(), prober)
+            tap = Tap()
+            try:
+                await asyncio.wait_for(asyncio.gather(
+                    batch.probe_keyed(enumerate(first), Blocklist()),
+                    batch.probe_keyed(enumerate(second, start=10_000), Blocklist()),
+                ), 60)  # fmt: skip
+                await asyncio.sleep(0.3)  # the last requests reach the tap
+                return list(decode(*batch.records.take())), prober.stats.as_dict(), tap.arrived
+            finally:
+                tap.close()
+                await batch.close()
+                await prober.close()
+
+        results, stats, arrived = run_in_netns(ns, scenario)
+    assert sorted(key for key, *_ in results) == sorted(targets)
+    assert stats["sent"] + stats["send_errors"] == 600 and stats["duplicates"] == 0, stats
+    late = {}
+    for key, _reachable, _success, _failure, _rtt, started_at, _details in results:
+        went = arrived.get((ICMP4_ECHO_REQUEST, targets[key]))
+        if went is not None and not started_at - 0.01 <= went <= started_at + 0.35:
+            late[targets[key]] = went - started_at
+    assert not late, f"requests that went long after (or before) their stamped send: {late}"
+    assert sum(success for _key, _reachable, success, *_ in results) == stats["echo_replies"] > 0
 
 
 def test_keyed_probes_screen_only_names_resolved_here(vantage: Netns) -> None:

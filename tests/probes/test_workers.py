@@ -165,7 +165,7 @@ def test_icmp_pool_in_a_namespace_with_forged_replies_counted() -> None:
             modes = [info["mode"] for info in prober.worker_info]
             # Each worker's prober socket (names, IPv6) and its batch engine's sockets.
             ids = [int(i) for info in prober.worker_info
-                   for i in [info["echo_id"], *info["batch_echo_ids"]]]  # fmt: skip
+                   for i in [info["echo_id"], *info.get("batch_echo_ids", [])]]  # fmt: skip
             targets = [Target(f"10.9.0.{i}") for i in range(1, 201)]
             targets += [Target(f"10.9.1.{i}") for i in range(1, 51)]
             targets += [Target(f"10.8.0.{i}") for i in range(1, 11)]
