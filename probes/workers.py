@@ -1,15 +1,12 @@
 """One prober spread over N worker processes, for rates one Python thread cannot reach.
 
-The parent keeps all politeness: the caller's Pacer decides the blocklist, the in-flight cap and
-the rates before a target is handed to a worker, and a slot comes back when the target's result
-does. Workers probe what they are given at once. The hand-over is priced per chunk, not per
-probe, as it is a good part of a ~10 µs ICMP probe: a chunk of targets travels as a list of
-address strings (plus the few targets that carry a port, URL or query), and results come back
-as fixed-size packed records (probes/records.py: key, outcome flags, failure code, RTT, send
-time) decoded in bulk; only a result with more details than its RTT source travels as a pickled
-row. A key is the chunk's number and the target's place in it, so the parent's bookkeeping is
-one entry per chunk. An ICMP worker goes further: IcmpProber.probe_keyed takes (key, address)
-pairs and writes the records itself, with no Target and no ProbeResult made in the worker.
+The parent is a ChunkedProber (probes/chunked.py): it keeps all politeness (the caller's Pacer
+admits every target) and hands targets over in chunks, results coming back as packed records
+(probes/records.py) decoded in bulk; only a result with more details than its RTT source
+travels as a pickled row. Workers probe what they are given at once. An ICMP worker on datagram
+sockets runs the batch engine (probes/icmp_batch.py); otherwise IcmpProber.probe_keyed takes
+(key, address) pairs and writes the records itself, with no Target and no ProbeResult made in
+the worker.
 
 Workers are `python -m probes.workers FD` processes started from the calling thread, so they
 live in that thread's network namespace. ICMP datagram sockets get a distinct echo id per
@@ -39,18 +36,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from probes import eventloop
-from probes.base import (
-    Failure,
-    ProbeResult,
-    ProbeSetupError,
-    ResultSink,
-    Target,
-    blocked_result,
-)
-from probes.calls import ProbeCall
+from probes.base import Failure, ProbeResult, ProbeSetupError, Target
+from probes.chunked import CHUNK_BITS, Chunk, ChunkedProber, Extras, Taker
 from probes.icmp_batch import BatchEcho, batch_available
 from probes.pacing import Blocklist, Pacer, PacingPolicy
-from probes.records import Records, Row, decode
+from probes.records import Records
 
 # method -> "module:class" of the prober a worker runs.
 PROBER_CLASSES = {
@@ -59,13 +49,6 @@ PROBER_CLASSES = {
     "http": "probes.http:HttpProber",
     "dns": "probes.dns:DnsProber",
 }
-# Targets per chunk sent to a worker (a chunk also goes out early when the feeder must wait).
-# A power of two: a result's key is chunk number << _CHUNK_BITS | place in the chunk.
-_CHUNK_BITS = 8
-CHUNK = 1 << _CHUNK_BITS
-_PLACE_MASK = CHUNK - 1
-# The longest the feeder waits for a batch of free slots before taking them one by one.
-_ROOM_WAIT_S = 0.005
 _FRAME = struct.Struct("!I")
 # How often a worker's counters ride along with its results (they always come with its goodbye).
 _COUNTERS_EVERY_S = 0.2
@@ -73,9 +56,6 @@ _PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 
 # A chunk on the wire: ("probe", first key, addresses, {place: (port, url, query)} for the targets
 # that have any of those). Results come back as ("results", packed records, rows, counters).
-WireExtras = dict[int, tuple[int | None, str | None, Any]]
-
-
 def _frame(message: object) -> bytes:
     body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
     return _FRAME.pack(len(body)) + body
@@ -86,7 +66,7 @@ async def _read_frame(reader: asyncio.StreamReader) -> Any:
     return pickle.loads(await reader.readexactly(size))
 
 
-class _Worker:
+class _Worker(Taker):
     """One worker process, its stream, and how many results it owes."""
 
     def __init__(
@@ -95,10 +75,10 @@ class _Worker:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
     ) -> None:
+        super().__init__()
         self.process = process
         self.reader = reader
         self.writer = writer
-        self.load = 0  # results it owes
         self.stats: dict[str, int] = {}
         self.blocklist: Blocklist | None = None
         self.alive = True
@@ -106,30 +86,7 @@ class _Worker:
         self.reader_task: asyncio.Task[None] | None = None
 
 
-class _PoolCall(ProbeCall):
-    """One probe_many call, and the pacer whose in-flight slots its results give back."""
-
-    __slots__ = ("pacer",)
-
-    def __init__(self, on_result: ResultSink, pacer: Pacer, done: asyncio.Future[None]) -> None:
-        super().__init__(on_result, done)
-        self.pacer = pacer
-
-
-class _Chunk:
-    """Up to CHUNK targets of one call, handed to one worker; a target becomes None once its
-    result is given."""
-
-    __slots__ = ("call", "left", "targets", "worker")
-
-    def __init__(self, call: _PoolCall) -> None:
-        self.call = call
-        self.targets: list[Target | None] = []
-        self.left = 0  # results still owed (the slots it holds)
-        self.worker: _Worker | None = None  # None until it went out
-
-
-class WorkerPoolProber:
+class WorkerPoolProber(ChunkedProber):
     """Runs the prober of `method` (built with `options`) in `workers` processes.
 
     Use a subclass that names the method (IcmpWorkerPool, TcpWorkerPool, ...) or `worker_pool`.
@@ -144,17 +101,11 @@ class WorkerPoolProber:
         if workers < 1:
             raise ProbeSetupError(f"worker pool: workers must be at least 1, got {workers}")
         _prober_class(self.method)(**options)  # bad options fail here, not in a worker
+        super().__init__()
         self.workers = workers
         self.options = options
         self._workers: list[_Worker] = []
         self._last_workers: list[_Worker] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._chunks: dict[int, _Chunk] = {}  # by chunk number
-        self._calls: set[_PoolCall] = set()
-        self._next_chunk = 0
-        self._room = asyncio.Event()  # set when the in-flight count fell to `_room_at`
-        self._room_at = -1
-        self._closed = False
 
     @property
     def stats(self) -> dict[str, int]:
@@ -177,33 +128,6 @@ class WorkerPoolProber:
         """Start the workers now (probe_many starts them on first use). Raises ProbeSetupError
         when a worker cannot run the prober (bad options, no ICMP socket permission)."""
         await self._start()
-
-    async def probe_many(
-        self, targets: Iterable[Target], pacer: Pacer, on_result: ResultSink
-    ) -> None:
-        await self._start()
-        loop = asyncio.get_running_loop()
-        call = _PoolCall(on_result, pacer, loop.create_future())
-        self._calls.add(call)
-        try:
-            await self._feed(targets, pacer, call)
-            call.fed = True
-            if call.outstanding and call.error is None:
-                await call.done
-            if call.error is not None:
-                raise call.error
-        finally:
-            self._calls.discard(call)
-            # Stopped early: forget its chunks (the one being built too, even empty) and give
-            # their slots back. A call that ran to its end has none left.
-            for number, chunk in list(self._chunks.items()):
-                if chunk.call is call:
-                    del self._chunks[number]
-                    if chunk.worker is not None:  # None: it never went out
-                        chunk.worker.load -= chunk.left
-                    for _ in range(chunk.left):
-                        pacer.release_slot()
-            call.outstanding = 0
 
     async def close(self) -> None:
         """Ask the workers to finish, wait a moment, then kill what is left."""
@@ -230,8 +154,7 @@ class WorkerPoolProber:
             if worker.process.returncode is None:
                 worker.process.kill()
                 await worker.process.wait()
-        for call in list(self._calls):
-            call.fail(ProbeSetupError("worker pool: closed during probe_many"))
+        self._fail_calls(ProbeSetupError("worker pool: closed during probe_many"))
 
     # -- workers --------------------------------------------------------------------------
 
@@ -285,83 +208,19 @@ class WorkerPoolProber:
 
     # -- sending --------------------------------------------------------------------------
 
-    def _open_chunk(self, call: _PoolCall) -> tuple[int, _Chunk]:
-        number = self._next_chunk
-        self._next_chunk += 1
-        chunk = self._chunks[number] = _Chunk(call)
-        return number, chunk
-
-    async def _feed(self, targets: Iterable[Target], pacer: Pacer, call: _PoolCall) -> None:
-        has_blocklist = len(pacer.blocklist) > 0
-        cap = pacer.policy.max_in_flight
-        acquire_slot = pacer.acquire_slot
-        reserve = pacer.reserve
-        number, chunk = self._open_chunk(call)
-        held = chunk.targets
-        addresses: list[str] = []
-        extras: WireExtras = {}
-        for target in targets:
-            if call.error is not None:
-                return
-            if has_blocklist and pacer.is_blocked(target.address):
-                call.give(blocked_result(target, self.method, time.time()))
-                continue
-            if pacer.in_flight >= cap:
-                if addresses:  # the slots we wait for may be in this chunk
-                    await self._send(number, chunk, addresses, extras, pacer)
-                    number, chunk = self._open_chunk(call)
-                    held, addresses, extras = chunk.targets, [], {}
-                await self._room_for_a_batch(pacer, cap)
-            await acquire_slot()
-            delay = reserve(target.address)
-            if delay > 0:
-                if addresses:
-                    await self._send(number, chunk, addresses, extras, pacer)
-                    number, chunk = self._open_chunk(call)
-                    held, addresses, extras = chunk.targets, [], {}
-                try:
-                    await asyncio.sleep(delay)
-                except BaseException:
-                    pacer.release_slot()
-                    raise
-            if target.port is not None or target.url is not None or target.query is not None:
-                extras[len(addresses)] = (target.port, target.url, target.query)
-            held.append(target)
-            addresses.append(target.address)
-            chunk.left += 1
-            call.outstanding += 1
-            if len(addresses) >= CHUNK:
-                await self._send(number, chunk, addresses, extras, pacer)
-                number, chunk = self._open_chunk(call)
-                held, addresses, extras = chunk.targets, [], {}
-        if addresses:
-            await self._send(number, chunk, addresses, extras, pacer)
-        else:
-            del self._chunks[number]
-
-    async def _room_for_a_batch(self, pacer: Pacer, cap: int) -> None:
-        """Wait until a batch of slots is free, so a worker gets chunks, not single targets:
-        a chunk of one costs a worker a loop turn, a frame each way and a wake-up. Bounded, as
-        the pacer may be shared with other probers whose slots our results do not free."""
-        self._room_at = cap - max(1, min(CHUNK, cap // 8))
-        self._room.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._room.wait(), _ROOM_WAIT_S)
-        self._room_at = -1
-
     async def _send(
-        self, number: int, chunk: _Chunk, addresses: list[str], extras: WireExtras, pacer: Pacer
+        self, number: int, chunk: Chunk, addresses: list[str], extras: Extras, pacer: Pacer
     ) -> None:
         alive = [w for w in self._workers if w.alive]
         if not alive:
             raise ProbeSetupError("worker pool: every worker process has exited")
         worker = min(alive, key=lambda w: w.load)
-        chunk.worker = worker
+        chunk.taker = worker
         worker.load += chunk.left
         if worker.blocklist is not pacer.blocklist:
             worker.blocklist = pacer.blocklist
             worker.writer.write(_frame(("blocklist", pacer.blocklist.networks)))
-        worker.writer.write(_frame(("probe", number << _CHUNK_BITS, addresses, extras)))
+        worker.writer.write(_frame(("probe", number << CHUNK_BITS, addresses, extras)))
         await worker.writer.drain()
         await asyncio.sleep(0)  # let results in: they free the slots the feeder needs
 
@@ -376,69 +235,15 @@ class WorkerPoolProber:
                     if message[3] is not None:
                         worker.stats = message[3]
                 elif message[0] == "error":
-                    for call in list(self._calls):
-                        call.fail(ProbeSetupError(f"worker pool: {message[1]}"))
+                    self._fail_calls(ProbeSetupError(f"worker pool: {message[1]}"))
         except (asyncio.IncompleteReadError, ConnectionError):
             self._on_worker_lost(worker)
-
-    def _on_results(self, packed: bytes, rows: list[Row]) -> None:
-        chunks = self._chunks
-        method = self.method
-        number = -1
-        chunk: _Chunk | None = None
-        for key, reachable, success, failure, rtt, started_at, details in decode(packed, rows):
-            if key >> _CHUNK_BITS != number:
-                number = key >> _CHUNK_BITS
-                chunk = chunks.get(number)
-            if chunk is not None:  # else its call stopped early
-                self._give(number, chunk, key & _PLACE_MASK, reachable, success, failure, rtt,
-                           started_at, details, method)  # fmt: skip
-
-    def _give(
-        self,
-        number: int,
-        chunk: _Chunk,
-        place: int,
-        reachable: bool,
-        success: bool,
-        failure: Failure | None,
-        rtt: float | None,
-        started_at: float,
-        details: dict[str, Any],
-        method: str,
-    ) -> None:
-        """Hand one result to its call and give its slot back (at most once per target)."""
-        targets = chunk.targets
-        target = targets[place]
-        if target is None:
-            return
-        targets[place] = None
-        chunk.left -= 1
-        if chunk.left == 0:
-            del self._chunks[number]
-        if chunk.worker is not None:
-            chunk.worker.load -= 1
-        call = chunk.call
-        pacer = call.pacer
-        pacer.release_slot()
-        call.outstanding -= 1
-        call.give(
-            ProbeResult(target, method, reachable, success, failure, rtt, started_at, details)
-        )
-        call.finish_if_complete()
-        if self._room_at >= 0 and pacer.in_flight <= self._room_at:
-            self._room.set()
 
     def _on_worker_lost(self, worker: _Worker) -> None:
         """A worker exited: its probes in flight end as OTHER, naming the exit."""
         worker.alive = False
         details = {"error": f"worker process exited (code {worker.process.returncode})"}
-        now = time.time()
-        for number, chunk in list(self._chunks.items()):
-            if chunk.worker is worker:
-                for place in range(len(chunk.targets)):
-                    self._give(number, chunk, place, False, False, Failure.OTHER, None, now,
-                               dict(details), self.method)  # fmt: skip
+        self._end_chunks_of(worker, Failure.OTHER, details)
 
 
 class IcmpWorkerPool(WorkerPoolProber):
@@ -525,7 +330,7 @@ async def _serve(sock: socket.socket) -> None:
     async def probe(
         first_key: int,
         addresses: list[str],
-        extras: WireExtras,
+        extras: Extras,
         blocklist: Blocklist,
         fed: asyncio.Event,
     ) -> None:
@@ -566,7 +371,7 @@ async def _serve(sock: socket.socket) -> None:
             task.add_done_callback(tasks.discard)
             await fed.wait()
 
-    queue: asyncio.Queue[tuple[int, list[str], WireExtras, Blocklist]] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[int, list[str], Extras, Blocklist]] = asyncio.Queue()
     dispatcher = loop.create_task(dispatch())
     try:
         while True:
