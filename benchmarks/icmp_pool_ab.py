@@ -1,4 +1,5 @@
-"""ICMP engine A/B: one process against the worker pool, CPU per probe split by process.
+"""ICMP engine A/B: one process (IcmpBatchProber, the shipped one, and the plain IcmpProber)
+against the worker pool, CPU per probe split by process.
 
 Runs in a network namespace this script creates (root needed; 10.0.0.0/8 is an AnyIP local
 route there, the same setup and target sweep as benchmarks/probe_engine.py, no blackbox) and
@@ -46,6 +47,7 @@ if ARGS.root is not None:
 # probes first: probe_engine puts this checkout's root in front of sys.path when imported.
 from probes.base import ProbeResult, Target  # noqa: E402, I001
 from probes.icmp import IcmpProber  # noqa: E402
+from probes.icmp_batch import IcmpBatchProber  # noqa: E402
 from probes.pacing import Pacer, PacingPolicy  # noqa: E402
 from probes.workers import WorkerPoolProber, worker_pool  # noqa: E402
 from tests.netns import Netns  # noqa: E402
@@ -54,12 +56,15 @@ from probe_engine import prepare, run_ours_in_netns, sweep_addresses  # noqa: E4
 from procstat import cpu_seconds  # noqa: E402
 
 
-def run(ns: Netns, targets: list[Target], workers: int, in_flight: int) -> str:
+def run(ns: Netns, targets: list[Target], workers: int, in_flight: int, plain: bool = False) -> str:
     count = ARGS.probes
 
     async def measure() -> str:
-        prober: IcmpProber | WorkerPoolProber
-        prober = worker_pool("icmp", workers, timeout_s=2.0) if workers else IcmpProber()
+        prober: IcmpProber | IcmpBatchProber | WorkerPoolProber
+        if workers:
+            prober = worker_pool("icmp", workers, timeout_s=2.0)
+        else:
+            prober = IcmpProber(timeout_s=2.0) if plain else IcmpBatchProber(timeout_s=2.0)
         pids: list[int] = []
         if isinstance(prober, WorkerPoolProber):
             await prober.start()
@@ -87,7 +92,8 @@ def run(ns: Netns, targets: list[Target], workers: int, in_flight: int) -> str:
         source = Path(sys.modules[WorkerPoolProber.__module__].__file__ or "?").parent.parent
         return (
             f"[{source}] "
-            f"{'pool of ' + str(workers) if workers else 'one process'}, in flight {in_flight}: "
+            f"{'pool of ' + str(workers) if workers else 'one process'}"
+            f"{', IcmpProber' if plain else ''}, in flight {in_flight}: "
             f"{count / seconds:,.0f} probes/s; CPU us/probe: caller {caller:.2f} "
             f"(kernel {kernel:.2f}), workers [{per_worker}], total {total:.2f}; down {down}"
         )
@@ -104,6 +110,7 @@ def main() -> None:
         for _ in range(ARGS.runs):
             for in_flight in ARGS.single:
                 print(run(ns, targets, 0, in_flight), flush=True)
+                print(run(ns, targets, 0, in_flight, plain=True), flush=True)
             for in_flight in ARGS.pool:
                 print(run(ns, targets, ARGS.workers, in_flight), flush=True)
     load = Path("/proc/loadavg").read_text().split()[:3]

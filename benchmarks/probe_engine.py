@@ -43,7 +43,7 @@ from procstat import cpu_seconds, reset_peak_rss, vm_kib  # noqa: E402
 from probes import eventloop  # noqa: E402
 from probes.base import ProbeResult, Target  # noqa: E402
 from probes.http import HttpProber  # noqa: E402
-from probes.icmp import IcmpProber  # noqa: E402
+from probes.icmp_batch import IcmpBatchProber  # noqa: E402
 from probes.pacing import Pacer, PacingPolicy  # noqa: E402
 from probes.tcp import TcpProber  # noqa: E402
 from probes.workers import WorkerPoolProber, worker_pool  # noqa: E402
@@ -124,7 +124,7 @@ def make_prober(method: str, workers: int = 0) -> Any:
     """The prober in this process (workers=0) or spread over `workers` processes."""
     if workers:
         return worker_pool(method, workers, **PROBER_OPTIONS[method])
-    cls = {"icmp": IcmpProber, "tcp": TcpProber, "http": HttpProber}[method]
+    cls = {"icmp": IcmpBatchProber, "tcp": TcpProber, "http": HttpProber}[method]
     return cls(**PROBER_OPTIONS[method])
 
 
@@ -367,7 +367,7 @@ def memory_child(count: int) -> None:
         base = int(ipaddress.ip_address("10.1.0.1"))
         targets = [Target(str(ipaddress.IPv4Address(base + i))) for i in range(count)]
         held_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        prober = IcmpProber(timeout_s=2.0)
+        prober = IcmpBatchProber(timeout_s=2.0)
         policy = PacingPolicy(rate_pps=None, max_in_flight=65536, per_block_pps=None)
         down = 0
 

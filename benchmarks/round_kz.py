@@ -44,7 +44,7 @@ from monitor.targets import (
     load_packaged_prefixes,
 )
 from probes.base import Prober
-from probes.icmp import IcmpProber
+from probes.icmp_batch import IcmpBatchProber
 from probes.pacing import Blocklist, Pacer, PacingPolicy
 from tests.netns import Netns, run_in_netns
 
@@ -71,7 +71,7 @@ def lab_universe(lost_every: int) -> tuple[Universe, Hitlist, list[str]]:
 
 
 async def rounds(universe: Universe, hitlist: Hitlist, count: int) -> list[dict[str, Any]]:
-    probers: dict[str, Prober] = {"icmp": IcmpProber(timeout_s=1.0)}
+    probers: dict[str, Prober] = {"icmp": IcmpBatchProber(timeout_s=1.0)}
     # The lab's own blocklist: only 10.0.0.0/10 may be probed.
     blocklist = Blocklist.from_cidrs(["0.0.0.0/5", "8.0.0.0/7", "10.64.0.0/10", "10.128.0.0/9",
                                       "11.0.0.0/8", "12.0.0.0/6", "16.0.0.0/4", "32.0.0.0/3",

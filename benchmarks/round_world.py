@@ -13,9 +13,10 @@ The blocks are renumbered in order onto 10.0.0.0/8 (65,536 /24s) and then 240.0.
 class E, never routed on the Internet) inside a network namespace the script creates, where both
 ranges are AnyIP local routes: every address answers ICMP from the namespace's own kernel. The
 lab blocklist allows only those two ranges. One hitlist address (.1, then .254) per block, as
-after discovery. The real round code (monitor.rounds.run_round) and the real IcmpProber (raw
-socket, 1 s timeout) run on one event loop; pacing is the Pacer with `--rate` probes/s (default
-10,000), `--in-flight` (default 4,096) and the polite per-/24 limit (1 probe/s, burst 3).
+after discovery. The real round code (monitor.rounds.run_round) and the daemon's ICMP prober
+(IcmpBatchProber; raw sockets, 1 s timeout) run on one event loop; pacing is the Pacer with
+`--rate` probes/s (default 10,000), `--in-flight` (default 4,096) and the polite per-/24 limit
+(1 probe/s, burst 3).
 
 Peak RSS is VmHWM of the process (/proc/self/status), reset (clear_refs 5) after building the
 universe and hitlists, so the rounds' figure is the peak while probing. History: the points of
@@ -68,7 +69,7 @@ from monitor.targets import (
     packaged_data,
 )
 from probes.base import Prober
-from probes.icmp import IcmpProber
+from probes.icmp_batch import IcmpBatchProber
 from probes.pacing import Blocklist, Pacer, PacingPolicy
 from tests.netns import Netns, run_in_netns
 
@@ -136,7 +137,7 @@ def lab_world(source: str, count: int) -> tuple[Universe, dict[str, Hitlist]]:
 
 async def rounds(universe: Universe, hitlists: dict[str, Hitlist], count: int, rate: float,
                  in_flight: int) -> tuple[list[dict[str, Any]], list[list[SeriesPoint]]]:
-    probers: dict[str, Prober] = {"icmp": IcmpProber(timeout_s=1.0)}
+    probers: dict[str, Prober] = {"icmp": IcmpBatchProber(timeout_s=1.0)}
     pacer = Pacer(PacingPolicy(rate_pps=rate or None, max_in_flight=in_flight),
                   Blocklist.from_cidrs(LAB_BLOCKLIST))
     results: list[dict[str, Any]] = []

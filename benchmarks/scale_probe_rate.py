@@ -1,7 +1,7 @@
 """Sustained probe rate: rounds back to back over a whole /8 that answers, for a long time.
 
 A network namespace made by the script routes 10.0.0.0/8 locally (AnyIP: every address answers
-ICMP echo), so 65,536 /24 blocks answer. The daemon's round (`run_round`, IcmpProber, the
+ICMP echo), so 65,536 /24 blocks answer. The daemon's round (`run_round`, IcmpBatchProber, the
 shared Pacer capped at --rate probes/s) probes one hitlist address per block, round after round,
 for --minutes. Every block answers, so any block counted down is a false loss. Prints one JSON
 line per round and a summary (probes/s over the whole run, CPU share, false losses). Root
@@ -28,7 +28,7 @@ from monitor.hitlist import Hitlist
 from monitor.rounds import RoundSettings, run_round
 from monitor.targets import CountryUniverse, Universe
 from probes.base import Prober
-from probes.icmp import IcmpProber
+from probes.icmp_batch import IcmpBatchProber
 from probes.pacing import Blocklist, Pacer, PacingPolicy
 from tests.netns import Netns, run_in_netns
 
@@ -50,7 +50,7 @@ def universe_and_hitlist(blocks: int) -> tuple[Universe, Hitlist]:
 
 async def sustained(universe: Universe, hitlist: Hitlist, rate: float | None,
                     seconds: float) -> dict[str, Any]:
-    probers: dict[str, Prober] = {"icmp": IcmpProber(timeout_s=1.0)}
+    probers: dict[str, Prober] = {"icmp": IcmpBatchProber(timeout_s=1.0)}
     pacer = Pacer(PacingPolicy(rate_pps=rate, max_in_flight=4096, per_block_pps=None),
                   Blocklist.from_cidrs(OUTSIDE_10_8))
     began, cpu0 = time.perf_counter(), time.process_time()

@@ -27,9 +27,9 @@ def make_probers(config: Config, methods: set[str]) -> dict[str, Prober]:
     timeout = config.probing.timeout_s
     probers: dict[str, Prober] = {}
     if "icmp" in methods:
-        from probes.icmp import IcmpProber
+        from probes.icmp_batch import IcmpBatchProber
 
-        probers["icmp"] = IcmpProber(timeout_s=timeout)
+        probers["icmp"] = IcmpBatchProber(timeout_s=timeout)
     if "tcp" in methods:
         from probes.tcp import TcpProber
 

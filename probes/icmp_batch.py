@@ -1,10 +1,13 @@
-"""IPv4 echo in batches, for the worker pool: sendmmsg/recvmmsg and numpy, no Python per packet.
+"""IPv4 echo in batches: sendmmsg/recvmmsg and numpy, no Python per packet.
 
 IcmpProber does per probe what a probe needs on its own (pacing, a dict entry, a result object):
-about 4 µs of Python on top of ~6 µs of kernel. A pool worker needs no pacing (its caller paced
-every target) and hands results over as packed records (probes/records.py). So here a batch of
-up to 256 echoes goes out in a few sendmmsg calls, replies come in with one recvmmsg, and they are
-matched, timed and turned into records with numpy array operations.
+about 4 µs of Python on top of ~6 µs of kernel (on the machine of session 2). Here a batch of
+up to 256 echoes goes out in a few sendmmsg calls, replies come in with one recvmmsg, and they
+are matched, timed and turned into packed result records (probes/records.py) with numpy array
+operations. BatchEcho is the engine (no pacing: its caller paced every target); it runs in the
+worker pool's processes (probes/workers.py) and, as IcmpBatchProber, in front of an IcmpProber
+in this process, behind the chunked caller side (probes/chunked.py) that paces and hands out
+ProbeResults: the ICMP prober of PROBERS, the daemon and the CLI.
 
 Scope: IPv4 literal addresses over unprivileged ICMP datagram sockets (the kernel picks each
 socket's echo id, hands it only its own replies and queues ICMP errors for it). Host names, IPv6
@@ -33,18 +36,21 @@ import asyncio
 import ctypes
 import errno
 import functools
+import itertools
 import socket
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
 
 from probes.base import Failure, ProbeSetupError
+from probes.chunked import CHUNK_BITS, Chunk, ChunkedProber, Extras, Taker
 from probes.icmp import (
     ICMP4_ECHO_REPLY,
     ICMP4_ECHO_REQUEST,
+    METHOD,
     EchoSocket,
     IcmpProber,
     IcmpStats,
@@ -53,7 +59,7 @@ from probes.icmp import (
     read_error_queue,
     send_echo,
 )
-from probes.pacing import Blocklist
+from probes.pacing import Blocklist, Pacer
 from probes.records import Records
 
 SOCKETS = 8  # the default; each adds 65,536 slots to the ring
@@ -509,3 +515,112 @@ class BatchEcho:
             if self._loop is not None and not self._loop.is_closed():
                 self._loop.remove_reader(endpoint.sock.fileno())
             endpoint.close()
+
+
+class IcmpBatchProber(ChunkedProber):
+    """ICMP in this process, with the batch engine where it can run (IPv4 addresses over
+    datagram sockets on 64-bit Linux), else through IcmpProber.probe_keyed (host names, IPv6,
+    raw sockets). Targets are paced and chunked by ChunkedProber (probes/chunked.py), so the
+    Python per probe is the Pacer's admission and the ProbeResult handed to the sink; sending,
+    matching and timing go in bulk. The ICMP prober of PROBERS, the daemon and the CLI.
+
+    Options as IcmpProber's, or `prober`: the IcmpProber to put the engine in front of (closed
+    with this one). `prober` is the IcmpProber underneath either way (its sockets, `mode`,
+    `echo_id()`), whose `stats` count for both.
+    """
+
+    method: ClassVar[str] = METHOD
+
+    def __init__(self, prober: IcmpProber | None = None, **options: Any) -> None:
+        super().__init__()
+        if prober is not None and options:
+            raise ProbeSetupError("icmp: give either an IcmpProber or its options, not both")
+        self.prober = prober or IcmpProber(**options)  # bad options fail here
+        self.timeout_s = self.prober.timeout_s
+        self._engine: BatchEcho | None = None
+        self._records = Records(on_first=self._flush_soon)
+        self._taker = Taker()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._engine_decided = False
+
+    @property
+    def stats(self) -> IcmpStats:
+        return self.prober.stats
+
+    @property
+    def mode(self) -> dict[str, str]:
+        return self.prober.mode
+
+    @property
+    def batch_echo_ids(self) -> list[int]:
+        """The batch engine's sockets' echo ids (none: it does not run here)."""
+        return [] if self._engine is None else list(self._engine.echo_ids)
+
+    def open(self, v6: bool = False) -> None:
+        """Open the socket of a family now; ProbeSetupError says how to enable ICMP."""
+        self.prober.open(v6)
+
+    async def close(self) -> None:
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        if self._engine is not None:
+            await self._engine.close()
+        await self.prober.close()
+        self._fail_calls(ProbeSetupError("icmp: prober closed during probe_many"))
+
+    async def _start(self) -> None:
+        if self._closed:
+            raise ProbeSetupError("icmp: probe_many on a closed prober")
+        loop = asyncio.get_running_loop()
+        if self._loop is loop:
+            return
+        if self._calls:
+            raise ProbeSetupError("icmp: the prober is in use on another event loop")
+        if self._engine is not None:  # an earlier asyncio.run() is over: its readers went too
+            await self._engine.close()
+            self._engine = None
+        self._loop = loop
+        self._room = asyncio.Event()
+        self._engine_decided = False
+
+    def _decide_engine(self) -> None:
+        """Start the batch engine if it can run here: on the first chunk with anything but an
+        IPv6 literal in it (an IPv6-only run opens no IPv4 socket). Raises ProbeSetupError,
+        with the hint, when ICMP sockets are not permitted."""
+        self._engine_decided = True
+        self.prober.open(False)
+        if self.prober.mode["ipv4"] == "datagram" and batch_available():
+            self._engine = BatchEcho(self._records, self.prober)
+
+    async def _send(
+        self, number: int, chunk: Chunk, addresses: list[str], extras: Extras, pacer: Pacer
+    ) -> None:
+        if not self._engine_decided and any(":" not in address for address in addresses):
+            self._decide_engine()
+        chunk.taker = self._taker
+        self._taker.load += chunk.left
+        pairs = zip(itertools.count(number << CHUNK_BITS), addresses, strict=False)
+        if self._engine is not None:
+            work = self._engine.probe_keyed(pairs, pacer.blocklist)
+        else:
+            work = self.prober.probe_keyed(pairs, self._records, pacer.blocklist)
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._chunk_done)
+        # The chunk goes out now (the task runs first); results that came in free the slots
+        # the feeder needs.
+        await asyncio.sleep(0)
+
+    def _chunk_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._fail_calls(task.exception() or ProbeSetupError("icmp: engine failed"))
+
+    def _flush_soon(self) -> None:
+        # Results that arrive in one loop turn are handed on together, in the next.
+        assert self._loop is not None
+        self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._on_results(*self._records.take())

@@ -142,9 +142,9 @@ async def _discover(
     config: Config, universe: CountryUniverse, hitlist: Hitlist, path: Path, budget: int,
     want: int, pending: int,
 ) -> int:
-    from probes.icmp import IcmpProber
+    from probes.icmp_batch import IcmpBatchProber
 
-    prober = IcmpProber(timeout_s=config.probing.timeout_s)
+    prober = IcmpBatchProber(timeout_s=config.probing.timeout_s)
     appender = HitlistAppender(hitlist, path)
     try:
         with click.progressbar(length=pending, label=f"discovering {universe.code}",

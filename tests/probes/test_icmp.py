@@ -18,7 +18,7 @@ import socket
 import struct
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -34,7 +34,7 @@ from probes.icmp import (
     build_ipv4,
     parse_icmp4,
 )
-from probes.icmp_batch import BatchEcho
+from probes.icmp_batch import BatchEcho, IcmpBatchProber
 from probes.pacing import Blocklist, Pacer, PacingPolicy
 from probes.records import Decoded, Records, decode
 from tests.netns import Netns, needs_root, run_in_netns
@@ -117,29 +117,40 @@ def addresses(network: str, count: int, first: int = 1) -> list[str]:
 
 
 # The ways in: probe_many (Targets in, ProbeResults out), probe_keyed (the worker pool's: (key,
-# address) pairs in, packed records out, no pacing of its own), and the pool's batch engine
-# (BatchEcho: IPv4 over datagram sockets in batches, the rest through the prober's probe_keyed).
-APIS = ("probe_many", "probe_keyed", "batch")
+# address) pairs in, packed records out, no pacing of its own), the batch engine (BatchEcho:
+# IPv4 over datagram sockets in batches, the rest through the prober's probe_keyed), and the
+# batch prober (IcmpBatchProber, PROBERS' and the daemon's: probe_many in front of the batch
+# engine, or of probe_keyed where the engine cannot run, as on raw sockets).
+APIS = ("probe_many", "probe_keyed", "batch", "batch_prober")
 MODES_AND_APIS = [(m, a) for m in MODES for a in APIS if not (a == "batch" and m == "raw")]
+# The probe_many tests run on both probers with that method.
+ENGINES: dict[str, Callable[..., IcmpProber | IcmpBatchProber]] = {
+    "IcmpProber": IcmpProber, "IcmpBatchProber": IcmpBatchProber,
+}  # fmt: skip
 
 
 async def probe_all(
-    prober: IcmpProber,
+    prober: IcmpProber | IcmpBatchProber,
     targets: list[str],
     pacer: Pacer | None = None,
     api: str = "probe_many",
-    batch: BatchEcho | None = None,
+    batch: BatchEcho | IcmpBatchProber | None = None,
 ) -> dict[str, ProbeResult]:
-    """Probe `targets` once each through `api` (`batch`: that engine, else a new one)."""
+    """Probe `targets` once each through `api` (`batch`: that engine or batch prober, else a
+    new one in front of `prober`)."""
     results: dict[str, ProbeResult] = {}
 
     def keep(result: ProbeResult) -> None:
         assert result.target.address not in results, "one result per target"
         results[result.target.address] = result
 
-    if api == "probe_many":
+    if api in ("probe_many", "batch_prober"):
+        if api == "batch_prober":
+            assert isinstance(prober, IcmpProber) and not isinstance(batch, BatchEcho)
+            prober = batch or IcmpBatchProber(prober)
         await prober.probe_many((Target(a) for a in targets), pacer or Pacer(FAST), keep)
     else:
+        assert isinstance(prober, IcmpProber) and not isinstance(batch, IcmpBatchProber)
         records = Records() if batch is None else batch.records
         blocklist = Blocklist() if pacer is None else pacer.blocklist
         if api == "batch":
@@ -262,12 +273,20 @@ def test_forged_and_malformed_packets_are_counted_and_ignored(
 
     async def scenario() -> tuple[dict[str, ProbeResult], dict[str, int]]:
         prober = IcmpProber(timeout_s=1.0, privileged=MODES[mode])
-        batch = BatchEcho(Records(), prober) if api == "batch" else None
+        batch: BatchEcho | IcmpBatchProber | None = None
+        if api == "batch":
+            batch = BatchEcho(Records(), prober)
+        elif api == "batch_prober":
+            batch = IcmpBatchProber(prober)
         injector = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
         forged: set[str] = set()
 
         def ours(ident: int) -> bool:
-            return ident in batch.echo_ids if batch is not None else ident == prober.echo_id()
+            if isinstance(batch, BatchEcho):
+                return ident in batch.echo_ids
+            if batch is not None and batch.batch_echo_ids:
+                return ident in batch.batch_echo_ids
+            return ident == prober.echo_id()
 
         def inject(src: str, dst: str, icmp: bytes) -> None:
             injector.sendto(build_ipv4(src, dst, icmp), (dst, 0))
@@ -322,13 +341,14 @@ def test_forged_and_malformed_packets_are_counted_and_ignored(
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_blocklisted_targets_get_no_packet(vantage: Netns, mode: str) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_blocklisted_targets_get_no_packet(vantage: Netns, mode: str, engine: str) -> None:
     blocked = addresses("10.77.5.0/24", 10)
     allowed = addresses("10.77.6.0/24", 10)
     pacer_policy = PacingPolicy(rate_pps=None, per_block_pps=None)
 
     async def scenario() -> tuple[dict[str, ProbeResult], Counter[str], int]:
-        prober = IcmpProber(timeout_s=0.5, privileged=MODES[mode])
+        prober = ENGINES[engine](timeout_s=0.5, privileged=MODES[mode])
         tap = Tap()
         pacer = Pacer(pacer_policy, Blocklist.from_cidrs(["10.77.5.0/24"]))
         try:
@@ -349,12 +369,13 @@ def test_blocklisted_targets_get_no_packet(vantage: Netns, mode: str) -> None:
     assert sent == len(allowed)
 
 
-def test_rate_cap_is_respected(vantage: Netns) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_rate_cap_is_respected(vantage: Netns, engine: str) -> None:
     """200 probes at 1000 probes/s cannot finish in much under 0.2 s (a correctness check)."""
     targets = addresses("10.77.7.0/24", 200)
 
     async def scenario() -> tuple[float, dict[str, ProbeResult]]:
-        prober = IcmpProber(timeout_s=0.5)
+        prober = ENGINES[engine](timeout_s=0.5)
         pacer = Pacer(PacingPolicy(rate_pps=1000, per_block_pps=None))
         try:
             begun = time.monotonic()
@@ -368,12 +389,13 @@ def test_rate_cap_is_respected(vantage: Netns) -> None:
     assert all(r.success for r in results.values())
 
 
-def test_in_flight_cap_is_respected(vantage: Netns) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_in_flight_cap_is_respected(vantage: Netns, engine: str) -> None:
     """16 silent targets, 4 in flight, 0.3 s timeout: four waves, at least 1.2 s."""
     targets = addresses("10.78.1.0/24", 16)
 
     async def scenario() -> tuple[float, int, int]:
-        prober = IcmpProber(timeout_s=0.3)
+        prober = ENGINES[engine](timeout_s=0.3)
         pacer = Pacer(PacingPolicy(rate_pps=None, per_block_pps=None, max_in_flight=4))
         peak = 0
 
@@ -399,11 +421,12 @@ def test_in_flight_cap_is_respected(vantage: Netns) -> None:
     assert left == 0
 
 
-def test_cancelled_call_releases_its_slots(vantage: Netns) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_cancelled_call_releases_its_slots(vantage: Netns, engine: str) -> None:
     """A round abandoned mid-way (SIGTERM) leaves no in-flight slot taken once its probes end."""
 
     async def scenario() -> tuple[int, bool]:
-        prober = IcmpProber(timeout_s=0.3)
+        prober = ENGINES[engine](timeout_s=0.3)
         pacer = Pacer(PacingPolicy(rate_pps=None, per_block_pps=None, max_in_flight=4))
         seen: list[ProbeResult] = []
         try:
@@ -424,12 +447,13 @@ def test_cancelled_call_releases_its_slots(vantage: Netns) -> None:
     assert run_in_netns(vantage, scenario) == (0, True)
 
 
-def test_concurrent_calls_share_one_socket(vantage: Netns) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_concurrent_calls_share_one_socket(vantage: Netns, engine: str) -> None:
     first = addresses("10.77.8.0/24", 100)
     second = addresses("10.77.9.0/24", 100)
 
     async def scenario() -> tuple[dict[str, ProbeResult], dict[str, ProbeResult], int, int]:
-        prober = IcmpProber(timeout_s=0.5)
+        prober = ENGINES[engine](timeout_s=0.5)
         pacers = Pacer(FAST), Pacer(FAST)  # each call gives its slots back to its own pacer
         try:
             a, b = await asyncio.gather(
@@ -445,9 +469,10 @@ def test_concurrent_calls_share_one_socket(vantage: Netns) -> None:
     assert in_flight == 0
 
 
-def test_prober_moves_to_a_new_event_loop_between_runs(vantage: Netns) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_prober_moves_to_a_new_event_loop_between_runs(vantage: Netns, engine: str) -> None:
     """A CLI may call asyncio.run() more than once with the same prober."""
-    prober = IcmpProber(timeout_s=0.5)
+    prober = ENGINES[engine](timeout_s=0.5)
 
     async def one_run() -> bool:
         results = await probe_all(prober, addresses("10.77.12.0/24", 20))
@@ -581,9 +606,10 @@ def test_keyed_probes_screen_only_names_resolved_here(vantage: Netns) -> None:
     assert blocked == 1
 
 
-def test_host_name_target_is_resolved(vantage: Netns) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_host_name_target_is_resolved(vantage: Netns, engine: str) -> None:
     async def scenario() -> dict[str, ProbeResult]:
-        prober = IcmpProber(timeout_s=0.5)
+        prober = ENGINES[engine](timeout_s=0.5)
         try:
             return await probe_all(prober, ["localhost"])
         finally:
@@ -592,12 +618,13 @@ def test_host_name_target_is_resolved(vantage: Netns) -> None:
     assert run_in_netns(vantage, scenario)["localhost"].success
 
 
-def test_failing_sink_stops_the_call(vantage: Netns) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_failing_sink_stops_the_call(vantage: Netns, engine: str) -> None:
     class SinkBroke(Exception):
         pass
 
     async def scenario() -> None:
-        prober = IcmpProber(timeout_s=0.5)
+        prober = ENGINES[engine](timeout_s=0.5)
 
         def sink(_result: ProbeResult) -> None:
             raise SinkBroke
@@ -612,12 +639,13 @@ def test_failing_sink_stops_the_call(vantage: Netns) -> None:
         run_in_netns(vantage, scenario)
 
 
-def test_no_permission_says_how_to_enable() -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_no_permission_says_how_to_enable(engine: str) -> None:
     with Netns("icmpn") as ns:
         ns.sysctl("net.ipv4.ping_group_range", "1 0")
 
         async def scenario() -> Any:
-            prober = IcmpProber(privileged=False)
+            prober = ENGINES[engine](privileged=False)
             try:
                 await prober.probe_many([Target("127.0.0.1")], Pacer(FAST), lambda r: None)
             finally:
