@@ -47,13 +47,15 @@ class Taker:
 
 
 class ChunkCall(ProbeCall):
-    """One probe_many call, and the pacer whose in-flight slots its results give back."""
+    """One probe_many call, and the pacer whose in-flight slots its results give back;
+    `stopped` once probe_many returned (its late results only give their slots back)."""
 
-    __slots__ = ("pacer",)
+    __slots__ = ("pacer", "stopped")
 
     def __init__(self, on_result: ResultSink, pacer: Pacer, done: asyncio.Future[None]) -> None:
         super().__init__(on_result, done)
         self.pacer = pacer
+        self.stopped = False
 
 
 class Chunk:
@@ -110,20 +112,47 @@ class ChunkedProber:
                 raise call.error
         finally:
             self._calls.discard(call)
-            # Stopped early: forget its chunks (the one being built too, even empty) and give
-            # their slots back. A call that ran to its end has none left.
+            # Stopped early (cancelled, failed, a sink that raised): no more results are given.
+            # A chunk that never went out gives its slots back now; one that did keeps them
+            # until its probes end, as they are still on the wire (the in-flight cap holds).
+            # A call that ran to its end has none left.
+            call.stopped = True
             for number, chunk in list(self._chunks.items()):
-                if chunk.call is call:
-                    del self._chunks[number]
-                    if chunk.taker is not None:  # None: it never went out
-                        chunk.taker.load -= chunk.left
-                    for _ in range(chunk.left):
-                        pacer.release_slot()
-            call.outstanding = 0
+                if chunk.call is call and chunk.taker is None:
+                    self._drop_chunk(number, chunk)
+
+    def _drop_chunk(self, number: int, chunk: Chunk) -> None:
+        """Forget a chunk whose results will not come (never sent, or its engine failed) and
+        give its slots back."""
+        if self._chunks.get(number) is not chunk:
+            return
+        del self._chunks[number]
+        if chunk.taker is not None:
+            chunk.taker.load -= chunk.left
+        for _ in range(chunk.left):
+            chunk.call.pacer.release_slot()
+        chunk.call.outstanding -= chunk.left
+        chunk.left = 0
+        if self._room_at >= 0 and chunk.call.pacer.in_flight <= self._room_at:
+            self._room.set()
 
     def _fail_calls(self, exc: BaseException) -> None:
         for call in list(self._calls):
             call.fail(exc)
+
+    def _close_calls(self, exc: BaseException) -> None:
+        """On close: fail the calls still running and give back every slot still held."""
+        self._fail_calls(exc)
+        self._drop_all_chunks()
+
+    def _drop_all_chunks(self) -> None:
+        """The engine is gone (closed, or left behind with its event loop): no result comes
+        any more, also not for the probes of stopped calls that were still on the wire."""
+        for number, chunk in list(self._chunks.items()):
+            self._drop_chunk(number, chunk)
+
+    def _blocked(self) -> None:
+        """A target was refused by the blocklist (for a subclass's counters)."""
 
     # -- sending --------------------------------------------------------------------------
 
@@ -146,6 +175,7 @@ class ChunkedProber:
             if call.error is not None:
                 return
             if has_blocklist and pacer.is_blocked(target.address):
+                self._blocked()
                 call.give(blocked_result(target, self.method, time.time()))
                 continue
             if pacer.in_flight >= cap:
@@ -234,10 +264,11 @@ class ChunkedProber:
         pacer = call.pacer
         pacer.release_slot()
         call.outstanding -= 1
-        call.give(
-            ProbeResult(target, method, reachable, success, failure, rtt, started_at, details)
-        )
-        call.finish_if_complete()
+        if not call.stopped:
+            call.give(
+                ProbeResult(target, method, reachable, success, failure, rtt, started_at, details)
+            )
+            call.finish_if_complete()
         if self._room_at >= 0 and pacer.in_flight <= self._room_at:
             self._room.set()
 

@@ -614,6 +614,7 @@ class IcmpProber:
     def open(self, v6: bool = False) -> None:
         """Open the socket of a family now (probe_many opens them on demand). Raises
         ProbeSetupError, saying how to enable ICMP, when neither socket kind is permitted."""
+        self._claim_loop()  # sockets of an event loop that is over are reopened on this one
         self._endpoint(v6)
 
     async def probe_many(

@@ -45,7 +45,7 @@ from typing import Any, ClassVar
 import numpy as np
 import numpy.typing as npt
 
-from probes.base import Failure, ProbeSetupError
+from probes.base import Failure, ProbeSetupError, ResultSink, Target
 from probes.chunked import CHUNK_BITS, Chunk, ChunkedProber, Extras, Taker
 from probes.icmp import (
     ICMP4_ECHO_REPLY,
@@ -63,6 +63,12 @@ from probes.pacing import Blocklist, Pacer
 from probes.records import Records
 
 SOCKETS = 8  # the default; each adds 65,536 slots to the ring
+# IcmpBatchProber takes its batch path when the caller's pacer allows at least this many
+# probes/s (or has no rate cap). Below it the feeder waits for the pacer between most probes, so
+# chunks stay tiny and IcmpProber's own path is cheaper (benchmarks/icmp_paced.py: at 20,000/s
+# 49 against 42 us of CPU per probe, at 500/s 547 against 227; at 50,000/s the batch path
+# keeps the rate, IcmpProber reaches 39,000/s).
+BATCH_FROM_PPS = 50_000
 _BATCH = 256  # messages per batch and per recvmmsg
 # Messages per sendmmsg: all of a call's echoes are stamped with the time just before it, so an
 # RTT is over by at most one call's duration (on loopback ~7 µs per echo, the target's reply
@@ -524,9 +530,9 @@ class IcmpBatchProber(ChunkedProber):
     Python per probe is the Pacer's admission and the ProbeResult handed to the sink; sending,
     matching and timing go in bulk. The ICMP prober of PROBERS, the daemon and the CLI.
 
-    Options as IcmpProber's, or `prober`: the IcmpProber to put the engine in front of (closed
-    with this one). `prober` is the IcmpProber underneath either way (its sockets, `mode`,
-    `echo_id()`), whose `stats` count for both.
+    Options as IcmpProber's, or `prober`: an IcmpProber to put the engine in front of (it stays
+    its caller's to close). `prober` is the IcmpProber underneath either way (its sockets,
+    `mode`, `echo_id()`), whose `stats` count for both.
     """
 
     method: ClassVar[str] = METHOD
@@ -536,6 +542,7 @@ class IcmpBatchProber(ChunkedProber):
         if prober is not None and options:
             raise ProbeSetupError("icmp: give either an IcmpProber or its options, not both")
         self.prober = prober or IcmpProber(**options)  # bad options fail here
+        self._owns_prober = prober is None
         self.timeout_s = self.prober.timeout_s
         self._engine: BatchEcho | None = None
         self._records = Records(on_first=self._flush_soon)
@@ -560,14 +567,29 @@ class IcmpBatchProber(ChunkedProber):
         """Open the socket of a family now; ProbeSetupError says how to enable ICMP."""
         self.prober.open(v6)
 
+    async def probe_many(
+        self, targets: Iterable[Target], pacer: Pacer, on_result: ResultSink
+    ) -> None:
+        if self._closed:
+            raise ProbeSetupError("icmp: probe_many on a closed prober")
+        rate = pacer.policy.rate_pps
+        if rate is not None and rate < BATCH_FROM_PPS:
+            # Paced this slowly, the feeder waits for the pacer between most probes, so chunks
+            # would be of one or two and cost more than IcmpProber's own path (measured in
+            # benchmarks/results/probe_engine_icmp.md).
+            await self.prober.probe_many(targets, pacer, on_result)
+        else:
+            await super().probe_many(targets, pacer, on_result)
+
     async def close(self) -> None:
         self._closed = True
         for task in self._tasks:
             task.cancel()
         if self._engine is not None:
             await self._engine.close()
-        await self.prober.close()
-        self._fail_calls(ProbeSetupError("icmp: prober closed during probe_many"))
+        if self._owns_prober:
+            await self.prober.close()
+        self._close_calls(ProbeSetupError("icmp: prober closed during probe_many"))
 
     async def _start(self) -> None:
         if self._closed:
@@ -575,11 +597,16 @@ class IcmpBatchProber(ChunkedProber):
         loop = asyncio.get_running_loop()
         if self._loop is loop:
             return
-        if self._calls:
+        old = self._loop
+        if self._calls or (old is not None and old.is_running() and not old.is_closed()):
             raise ProbeSetupError("icmp: the prober is in use on another event loop")
-        if self._engine is not None:  # an earlier asyncio.run() is over: its readers went too
+        # An earlier asyncio.run() is over: the engine's readers, its chunk tasks and any
+        # results not yet handed on went with its loop.
+        if self._engine is not None:
             await self._engine.close()
             self._engine = None
+        self._drop_all_chunks()
+        self._records.take()
         self._loop = loop
         self._room = asyncio.Event()
         self._engine_decided = False
@@ -587,11 +614,15 @@ class IcmpBatchProber(ChunkedProber):
     def _decide_engine(self) -> None:
         """Start the batch engine if it can run here: on the first chunk with anything but an
         IPv6 literal in it (an IPv6-only run opens no IPv4 socket). Raises ProbeSetupError,
-        with the hint, when ICMP sockets are not permitted."""
-        self._engine_decided = True
+        with the hint, when ICMP sockets are not permitted; where the engine cannot start (no
+        datagram sockets, no sendmmsg, out of descriptors) the IcmpProber does the work."""
         self.prober.open(False)
         if self.prober.mode["ipv4"] == "datagram" and batch_available():
-            self._engine = BatchEcho(self._records, self.prober)
+            try:
+                self._engine = BatchEcho(self._records, self.prober)
+            except ProbeSetupError:
+                self._engine = None
+        self._engine_decided = True
 
     async def _send(
         self, number: int, chunk: Chunk, addresses: list[str], extras: Extras, pacer: Pacer
@@ -607,15 +638,25 @@ class IcmpBatchProber(ChunkedProber):
             work = self.prober.probe_keyed(pairs, self._records, pacer.blocklist)
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
-        task.add_done_callback(self._chunk_done)
+        task.add_done_callback(functools.partial(self._chunk_done, number, chunk))
         # The chunk goes out now (the task runs first); results that came in free the slots
         # the feeder needs.
         await asyncio.sleep(0)
 
-    def _chunk_done(self, task: asyncio.Task[None]) -> None:
+    def _chunk_done(self, number: int, chunk: Chunk, task: asyncio.Task[None]) -> None:
+        """A chunk's engine call ended. If it failed, the chunk's call fails with its error
+        (other calls go on) and the slots of the results that will not come are given back."""
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            self._fail_calls(task.exception() or ProbeSetupError("icmp: engine failed"))
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            self._flush()  # the results it did give first
+            self._drop_chunk(number, chunk)
+            chunk.call.fail(error)
+
+    def _blocked(self) -> None:
+        self.prober.stats.blocked += 1
 
     def _flush_soon(self) -> None:
         # Results that arrive in one loop turn are handed on together, in the next.
@@ -623,4 +664,5 @@ class IcmpBatchProber(ChunkedProber):
         self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
-        self._on_results(*self._records.take())
+        if self._records:
+            self._on_results(*self._records.take())

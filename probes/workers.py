@@ -154,7 +154,7 @@ class WorkerPoolProber(ChunkedProber):
             if worker.process.returncode is None:
                 worker.process.kill()
                 await worker.process.wait()
-        self._fail_calls(ProbeSetupError("worker pool: closed during probe_many"))
+        self._close_calls(ProbeSetupError("worker pool: closed during probe_many"))
 
     # -- workers --------------------------------------------------------------------------
 
@@ -205,6 +205,7 @@ class WorkerPoolProber(ChunkedProber):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(worker.process.pid, signal.SIGKILL)
         self._workers = []
+        self._drop_all_chunks()
 
     # -- sending --------------------------------------------------------------------------
 

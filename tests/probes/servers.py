@@ -12,7 +12,7 @@ import ipaddress
 import socket
 import ssl
 import struct
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
@@ -163,6 +163,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
     return port
+
+
+@contextlib.contextmanager
+def listener_that_never_accepts(host: str = "127.0.0.1") -> Iterator[int]:
+    """A port whose handshakes the kernel completes (a deep backlog) with no accept(): no
+    descriptor of this process is taken per connection, for tests that count descriptors."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        sock.listen(4096)
+        yield sock.getsockname()[1]
 
 
 @contextlib.asynccontextmanager
