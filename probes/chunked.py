@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
-from probes.base import Failure, ProbeResult, ResultSink, Target, blocked_result
+from probes.base import Failure, ProbeResult, ProbeSetupError, ResultSink, Target, blocked_result
 from probes.calls import ProbeCall
 from probes.pacing import Pacer
 from probes.records import Row, decode
@@ -136,6 +136,25 @@ class ChunkedProber:
         if self._room_at >= 0 and chunk.call.pacer.in_flight <= self._room_at:
             self._room.set()
 
+    def _chunk_failed(self, number: int, error: BaseException) -> None:
+        """A chunk's engine call failed: its call fails with `error` (the others go on) and the
+        slots of the results that will not come are given back."""
+        chunk = self._chunks.get(number)
+        if chunk is None:  # its call ended already
+            return
+        self._drop_chunk(number, chunk)
+        chunk.call.fail(error)
+
+    def _leave_old_loop(self) -> None:
+        """Probing starts on another event loop than before. Raises ProbeSetupError while the
+        earlier one may still run calls; one that is closed took its calls with it (their
+        tasks will not run again), so their slots come back."""
+        old = self._loop
+        if old is not None and not old.is_closed() and (self._calls or old.is_running()):
+            raise ProbeSetupError(f"{self.method}: the prober is in use on another event loop")
+        self._calls.clear()
+        self._drop_all_chunks()
+
     def _fail_calls(self, exc: BaseException) -> None:
         for call in list(self._calls):
             call.fail(exc)
@@ -196,6 +215,9 @@ class ChunkedProber:
                 except BaseException:
                     pacer.release_slot()
                     raise
+            if call.error is not None:  # failed (or closed) while it waited: not this one too
+                pacer.release_slot()
+                return
             if target.port is not None or target.url is not None or target.query is not None:
                 extras[len(addresses)] = (target.port, target.url, target.query)
             held.append(target)
@@ -206,9 +228,9 @@ class ChunkedProber:
                 await self._send(number, chunk, addresses, extras, pacer)
                 number, chunk = self._open_chunk(call)
                 held, addresses, extras = chunk.targets, [], {}
-        if addresses:
+        if addresses and call.error is None:
             await self._send(number, chunk, addresses, extras, pacer)
-        else:
+        elif not addresses:
             del self._chunks[number]
 
     async def _room_for_a_batch(self, pacer: Pacer, cap: int) -> None:

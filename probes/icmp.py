@@ -644,8 +644,10 @@ class IcmpProber:
         if self._closed:
             raise ProbeSetupError("icmp: probe_many on a closed prober")
         loop = asyncio.get_running_loop()
-        if self._loop is not None and self._loop is not loop:
-            if self._calls or (self._loop.is_running() and not self._loop.is_closed()):
+        old = self._loop
+        if old is not None and old is not loop:
+            # A loop that is closed took its calls with it (their tasks will not run again).
+            if not old.is_closed() and (self._calls or old.is_running()):
                 raise ProbeSetupError("icmp: the prober is in use on another event loop")
             self._reset()  # an earlier asyncio.run() is over: reopen the sockets on this loop
         self._loop = loop
@@ -680,7 +682,7 @@ class IcmpProber:
         self._pending.clear()
         self._deadlines.clear()
         for call in list(self._calls):
-            if not call.done.done():
+            if not call.done.done() and not call.done.get_loop().is_closed():
                 call.done.set_exception(ProbeSetupError("icmp: prober closed during probe_many"))
         self._calls.clear()
         self._loop = None
@@ -731,6 +733,8 @@ class IcmpProber:
                     if delay > 0:
                         await asyncio.sleep(delay)
                         since_yield = 0
+                if self._closed:  # closed while it waited for the pacer (the daemon stopping)
+                    raise ProbeSetupError("icmp: prober closed during probe_many")
                 seq = endpoint.seq = (endpoint.seq + 1) & 0xFFFF
                 packet = endpoint.template.packet(seq)
                 sent_mono = monotonic()

@@ -252,7 +252,8 @@ class BatchEcho:
         if self._sweep_handle is not None:
             self._sweep_handle.cancel()
         for call in self._calls.values():
-            if not call.done.done():
+            # A call of a loop that is closed went with it (its future cannot be woken).
+            if not call.done.done() and not call.done.get_loop().is_closed():
                 call.done.set_exception(ProbeSetupError("icmp batch: closed during a call"))
         self._close_sockets()
 
@@ -570,13 +571,12 @@ class IcmpBatchProber(ChunkedProber):
     async def probe_many(
         self, targets: Iterable[Target], pacer: Pacer, on_result: ResultSink
     ) -> None:
-        if self._closed:
-            raise ProbeSetupError("icmp: probe_many on a closed prober")
+        await self._start()  # a move to a new loop gives back what the old one held
         rate = pacer.policy.rate_pps
         if rate is not None and rate < BATCH_FROM_PPS:
             # Paced this slowly, the feeder waits for the pacer between most probes, so chunks
             # would be of one or two and cost more than IcmpProber's own path (measured in
-            # benchmarks/results/probe_engine_icmp.md).
+            # benchmarks/icmp_paced.py, figures in benchmarks/results/probe_engine_icmp.md).
             await self.prober.probe_many(targets, pacer, on_result)
         else:
             await super().probe_many(targets, pacer, on_result)
@@ -584,7 +584,9 @@ class IcmpBatchProber(ChunkedProber):
     async def close(self) -> None:
         self._closed = True
         for task in self._tasks:
-            task.cancel()
+            if not task.get_loop().is_closed():
+                task.cancel()
+        self._tasks.clear()
         if self._engine is not None:
             await self._engine.close()
         if self._owns_prober:
@@ -597,16 +599,15 @@ class IcmpBatchProber(ChunkedProber):
         loop = asyncio.get_running_loop()
         if self._loop is loop:
             return
-        old = self._loop
-        if self._calls or (old is not None and old.is_running() and not old.is_closed()):
-            raise ProbeSetupError("icmp: the prober is in use on another event loop")
-        # An earlier asyncio.run() is over: the engine's readers, its chunk tasks and any
-        # results not yet handed on went with its loop.
-        if self._engine is not None:
-            await self._engine.close()
-            self._engine = None
-        self._drop_all_chunks()
-        self._records.take()
+        if self._loop is not None:
+            # An earlier asyncio.run() is over: the engine's readers, its chunk tasks and any
+            # results not yet handed on went with its loop.
+            self._leave_old_loop()
+            self._tasks.clear()
+            if self._engine is not None:
+                await self._engine.close()
+                self._engine = None
+            self._records.take()
         self._loop = loop
         self._room = asyncio.Event()
         self._engine_decided = False
@@ -638,22 +639,19 @@ class IcmpBatchProber(ChunkedProber):
             work = self.prober.probe_keyed(pairs, self._records, pacer.blocklist)
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
-        task.add_done_callback(functools.partial(self._chunk_done, number, chunk))
+        task.add_done_callback(functools.partial(self._chunk_done, number))
         # The chunk goes out now (the task runs first); results that came in free the slots
         # the feeder needs.
         await asyncio.sleep(0)
 
-    def _chunk_done(self, number: int, chunk: Chunk, task: asyncio.Task[None]) -> None:
-        """A chunk's engine call ended. If it failed, the chunk's call fails with its error
-        (other calls go on) and the slots of the results that will not come are given back."""
+    def _chunk_done(self, number: int, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if task.cancelled():
             return
         error = task.exception()
         if error is not None:
             self._flush()  # the results it did give first
-            self._drop_chunk(number, chunk)
-            chunk.call.fail(error)
+            self._chunk_failed(number, error)
 
     def _blocked(self) -> None:
         self.prober.stats.blocked += 1

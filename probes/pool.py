@@ -63,9 +63,12 @@ async def run_pool(
                 pacer.release_slot()
             on_result(result)
 
-    async with asyncio.TaskGroup() as group:
-        for _ in range(size):
-            group.create_task(worker())
+    try:
+        async with asyncio.TaskGroup() as group:
+            for _ in range(size):
+                group.create_task(worker())
+    except* ProbeSetupError as refused:  # every worker may have met one: the first says it
+        raise refused.exceptions[0] from None
 
 
 def unexpected_result(target: Target, method: str, exc: BaseException) -> ProbeResult:

@@ -163,8 +163,7 @@ class WorkerPoolProber(ChunkedProber):
             raise ProbeSetupError("worker pool: probe_many on a closed prober")
         loop = asyncio.get_running_loop()
         if self._workers and self._loop is not loop:
-            if self._calls:
-                raise ProbeSetupError("worker pool: in use on another event loop")
+            self._leave_old_loop()
             await self._discard_workers()
         if self._workers:
             return
@@ -236,7 +235,8 @@ class WorkerPoolProber(ChunkedProber):
                     if message[3] is not None:
                         worker.stats = message[3]
                 elif message[0] == "error":
-                    self._fail_calls(ProbeSetupError(f"worker pool: {message[1]}"))
+                    error = ProbeSetupError(f"worker pool: {message[2]}")
+                    self._chunk_failed(message[1] >> CHUNK_BITS, error)
         except (asyncio.IncompleteReadError, ConnectionError):
             self._on_worker_lost(worker)
 
@@ -339,7 +339,7 @@ async def _serve(sock: socket.socket) -> None:
             yield from items
             fed.set()
 
-        try:  # a chunk it cannot read fails the calls in the parent, it does not hang them
+        try:  # a chunk it cannot probe fails its call in the parent, it does not hang it
             if keyed is not None:
                 pairs = zip(itertools.count(first_key), addresses, strict=False)
                 if batch is not None:
@@ -356,8 +356,8 @@ async def _serve(sock: socket.socket) -> None:
                 records.result(keys[id(result.target)], result)
 
             await prober.probe_many(fed_after(targets), _Paced(blocklist), sink)
-        except Exception as exc:
-            writer.write(_frame(("error", f"{type(exc).__name__}: {exc}")))
+        except Exception as exc:  # the parent fails this chunk's call, not the others
+            writer.write(_frame(("error", first_key, f"{type(exc).__name__}: {exc}")))
         finally:
             fed.set()
 

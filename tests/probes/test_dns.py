@@ -166,9 +166,8 @@ def test_check_query_names_the_problem(query: DnsQuery, message: str) -> None:
 
 
 async def test_a_target_without_a_query_is_the_callers_error() -> None:
-    with pytest.raises(ExceptionGroup) as caught:
+    with pytest.raises(ProbeSetupError, match="has no query"):  # itself, not in a group
         await _probe([Target("127.0.0.1", free_port())])
-    assert caught.group_contains(ProbeSetupError, match="has no query")
 
 
 def test_bad_timeout_is_a_setup_error() -> None:

@@ -504,10 +504,13 @@ def test_concurrent_calls_share_one_prober(vantage: Netns, engine: str, shared_p
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_prober_moves_to_a_new_event_loop_between_runs(vantage: Netns, engine: str) -> None:
-    """A CLI may call asyncio.run() more than once with the same prober: IPv6 only first (no
-    IPv4 socket yet), then IPv4; then a run stopped early on a loop closed without running its
-    last callbacks (results not yet handed on must not stall the next run)."""
+    """A CLI may call asyncio.run() more than once with the same prober (and pacer): IPv6 only
+    first (no IPv4 socket yet), then IPv4; then runs stopped early on a loop closed without
+    running its last callbacks (results not yet handed on must not stall the next run), and
+    runs whose loop was closed under a call with echoes still on the wire (IPv4 and IPv6: the
+    next run must not find the prober "in use", and the slots come back)."""
     prober = ENGINES[engine](timeout_s=0.5)
+    pacer = Pacer(FAST)
 
     def run_and_close(coroutine: Coroutine[Any, Any, Any]) -> Any:
         loop = asyncio.new_event_loop()
@@ -518,16 +521,24 @@ def test_prober_moves_to_a_new_event_loop_between_runs(vantage: Netns, engine: s
 
     def run_of(targets: list[str]) -> Callable[[], Awaitable[bool]]:
         async def one_run() -> bool:
-            results = await asyncio.wait_for(probe_all(prober, targets), 10)
+            results = await asyncio.wait_for(probe_all(prober, targets, pacer), 10)
             return all(r.success for r in results.values())
 
         return one_run
 
     async def stopped_early() -> None:
-        task = asyncio.ensure_future(probe_all(prober, addresses("10.77.13.0/24", 200)))
+        task = asyncio.ensure_future(probe_all(prober, addresses("10.77.13.0/24", 200), pacer))
         for _ in range(2):
             await asyncio.sleep(0)
         task.cancel()
+
+    def left_on_the_wire(targets: list[str]) -> Callable[[], Awaitable[None]]:
+        async def leave() -> None:
+            left = asyncio.ensure_future(probe_all(prober, targets, pacer))
+            await asyncio.sleep(0.05)
+            assert not left.done()  # its loop closes under it
+
+        return leave
 
     async def close() -> None:
         await prober.close()
@@ -537,7 +548,32 @@ def test_prober_moves_to_a_new_event_loop_between_runs(vantage: Netns, engine: s
     for _ in range(3):
         run_in_netns(vantage, stopped_early, runner=run_and_close)
         assert run_in_netns(vantage, run_of(addresses("10.77.14.0/24", 20)))
+    for silent in (addresses("10.78.1.0/24", 50), addresses("fd78:1::/64", 50)):
+        run_in_netns(vantage, left_on_the_wire(silent), runner=run_and_close)
+        assert run_in_netns(vantage, run_of(addresses("10.77.15.0/24", 20)))
+    assert pacer.in_flight == 0
     run_in_netns(vantage, close)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_close_during_a_call_ends_it_and_gives_every_slot_back(vantage: Netns, engine: str) -> None:
+    """A daemon stopping closes its probers while a round waits at the in-flight cap."""
+
+    async def scenario() -> tuple[BaseException | None, int]:
+        prober = ENGINES[engine](timeout_s=5.0)
+        pacer = Pacer(PacingPolicy(rate_pps=None, per_block_pps=None, max_in_flight=4))
+        task = asyncio.ensure_future(probe_all(prober, addresses("10.78.1.0/24", 99), pacer))
+        await asyncio.sleep(0.2)
+        await prober.close()
+        try:
+            await asyncio.wait_for(task, 10)
+        except ProbeSetupError as exc:
+            return exc, pacer.in_flight
+        return None, pacer.in_flight
+
+    error, in_flight = run_in_netns(vantage, scenario)
+    assert isinstance(error, ProbeSetupError) and "closed" in str(error)
+    assert in_flight == 0
 
 
 def test_batch_engine_reuses_its_ring_of_slots(vantage: Netns) -> None:

@@ -10,12 +10,12 @@ import time
 
 import pytest
 
-from probes.base import Failure, ProbeResult, ProbeSetupError, Target
+from probes.base import DnsQuery, Failure, ProbeResult, ProbeSetupError, Target
 from probes.icmp import ICMP4_ECHO_REPLY, build_echo
 from probes.pacing import Blocklist, Pacer, PacingPolicy
 from probes.workers import IcmpWorkerPool, TcpWorkerPool, WorkerPoolProber, worker_pool
 from tests.netns import Netns, needs_root, run_in_netns
-from tests.probes.servers import free_port, raw_tcp_server
+from tests.probes.servers import DnsBehaviour, DnsResponder, free_port, raw_tcp_server
 
 
 def _pacer(blocklist: Blocklist | None = None, **policy: object) -> Pacer:
@@ -126,6 +126,31 @@ async def test_a_failing_sink_is_raised_and_slots_come_back() -> None:
             await prober.close()
     assert pacer.in_flight == 0
     assert not prober._chunks  # nothing of the failed call is kept
+
+
+async def test_a_chunk_the_worker_cannot_probe_fails_only_its_call() -> None:
+    """DNS targets with no question: the worker's prober refuses that chunk. Its call fails with
+    the reason at once (it does not wait at the in-flight cap for results that never come) and
+    gives its slots back; a call beside it on the same pacer goes on."""
+    zone = {"good.test": DnsBehaviour(answers=["192.0.2.1"])}
+    async with DnsResponder(zone) as server:
+        pacer = _pacer(max_in_flight=4)
+        query = DnsQuery("good.test", "A")
+        good = [Target("127.0.0.1", server.port, query=query)] * 20
+        prober = worker_pool("dns", 1, timeout_s=2.0)
+        answered: list[ProbeResult] = []
+        try:
+            bad = prober.probe_many([Target("127.0.0.1", server.port)] * 20, pacer,
+                                    lambda r: None)  # fmt: skip
+            outcomes = await asyncio.wait_for(asyncio.gather(
+                bad, prober.probe_many(good, pacer, answered.append), return_exceptions=True
+            ), 30)  # fmt: skip
+        finally:
+            await prober.close()
+    assert isinstance(outcomes[0], ProbeSetupError) and "has no query" in str(outcomes[0])
+    assert outcomes[1] is None
+    assert len(answered) == 20 and all(r.success for r in answered)
+    assert pacer.in_flight == 0
 
 
 def test_bad_options_fail_in_the_parent() -> None:
