@@ -65,9 +65,9 @@ from probes.records import Records
 SOCKETS = 8  # the default; each adds 65,536 slots to the ring
 # IcmpBatchProber takes its batch path when the caller's pacer allows at least this many
 # probes/s (or has no rate cap). Below it the feeder waits for the pacer between most probes, so
-# chunks stay tiny and IcmpProber's own path is cheaper (benchmarks/icmp_paced.py: at 20,000/s
-# 49 against 42 us of CPU per probe, at 500/s 547 against 227; at 50,000/s the batch path
-# keeps the rate, IcmpProber reaches 39,000/s).
+# chunks stay tiny and IcmpProber's own path is cheaper (benchmarks/icmp_paced.py: at 500/s
+# 573-593 against 207 us of CPU per probe, at 20,000/s 50 against 42-43; at 50,000/s the batch
+# path keeps the rate, IcmpProber reaches 40,500-43,100/s).
 BATCH_FROM_PPS = 50_000
 _BATCH = 256  # messages per batch and per recvmmsg
 # Messages per sendmmsg: all of a call's echoes are stamped with the time just before it, so an
