@@ -20,14 +20,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
-from probes.base import ProbeResult, Target  # noqa: E402, I001
+from probes.base import Target  # noqa: E402, I001
 from probes.chunked import ChunkedProber  # noqa: E402
 from probes.icmp import IcmpProber  # noqa: E402
 from probes.icmp_batch import IcmpBatchProber  # noqa: E402
 from probes.pacing import Pacer, PacingPolicy  # noqa: E402
 from tests.netns import Netns  # noqa: E402
 
-from probe_engine import prepare, run_ours_in_netns, sweep_addresses  # noqa: E402
+from probe_engine import DownCount, prepare, run_ours_in_netns, sweep_addresses  # noqa: E402
 
 
 def parse() -> argparse.Namespace:
@@ -45,12 +45,7 @@ def measure(ns: Netns, targets: list[Target], rate: float | None, batch_path: bo
     async def run() -> str:
         prober = IcmpBatchProber(timeout_s=2.0)
         policy = PacingPolicy(rate_pps=rate, max_in_flight=4096, per_block_pps=None)
-        down = 0
-
-        def sink(result: ProbeResult) -> None:
-            nonlocal down
-            down += not result.success
-
+        sink = DownCount()
         stream = (targets[i % len(targets)] for i in range(count))
         times0, started = os.times(), time.perf_counter()
         if batch_path:  # the chunked path whatever the rate
@@ -62,8 +57,9 @@ def measure(ns: Netns, targets: list[Target], rate: float | None, batch_path: bo
         cpu = times1.user + times1.system - times0.user - times0.system
         cap = f"{rate:,.0f}/s" if rate else "no cap"
         path = "batch path" if batch_path else "IcmpProber"
+        share = cpu / seconds * 100
         return (f"| {cap} | {path} | {count:,} | {count / seconds:,.0f} | "
-                f"{cpu / count * 1e6:.1f} | {cpu / seconds * 100:.0f}% | {down} |")  # fmt: skip
+                f"{cpu / count * 1e6:.1f} | {share:.0f}% | {sink.down} |")  # fmt: skip
 
     return run_ours_in_netns(ns, run, timeout=600)
 

@@ -45,14 +45,14 @@ if ARGS.root is not None:
     sys.path.insert(0, str(ARGS.root.resolve()))
 
 # probes first: probe_engine puts this checkout's root in front of sys.path when imported.
-from probes.base import ProbeResult, Target  # noqa: E402, I001
+from probes.base import Target  # noqa: E402, I001
 from probes.icmp import IcmpProber  # noqa: E402
 from probes.icmp_batch import IcmpBatchProber  # noqa: E402
 from probes.pacing import Pacer, PacingPolicy  # noqa: E402
 from probes.workers import WorkerPoolProber, worker_pool  # noqa: E402
 from tests.netns import Netns  # noqa: E402
 
-from probe_engine import prepare, run_ours_in_netns, sweep_addresses  # noqa: E402
+from probe_engine import DownCount, prepare, run_ours_in_netns, sweep_addresses  # noqa: E402
 from procstat import cpu_seconds  # noqa: E402
 
 
@@ -72,12 +72,7 @@ def run(ns: Netns, targets: list[Target], workers: int, in_flight: int, plain: b
         policy = PacingPolicy(
             rate_pps=None, max_in_flight=in_flight, per_block_pps=None, burst_s=0.005
         )
-        down = 0
-
-        def sink(result: ProbeResult) -> None:
-            nonlocal down
-            down += not result.success
-
+        sink = DownCount()
         stream = (targets[i % len(targets)] for i in range(count))
         workers_cpu0 = [cpu_seconds(pid) for pid in pids]
         times0, started = os.times(), time.perf_counter()
@@ -95,7 +90,7 @@ def run(ns: Netns, targets: list[Target], workers: int, in_flight: int, plain: b
             f"{'pool of ' + str(workers) if workers else 'one process'}"
             f"{', IcmpProber' if plain else ''}, in flight {in_flight}: "
             f"{count / seconds:,.0f} probes/s; CPU us/probe: caller {caller:.2f} "
-            f"(kernel {kernel:.2f}), workers [{per_worker}], total {total:.2f}; down {down}"
+            f"(kernel {kernel:.2f}), workers [{per_worker}], total {total:.2f}; down {sink.down}"
         )
 
     return run_ours_in_netns(ns, measure, timeout=600)

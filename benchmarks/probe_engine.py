@@ -128,6 +128,16 @@ def make_prober(method: str, workers: int = 0) -> Any:
     return cls(**PROBER_OPTIONS[method])
 
 
+class DownCount:
+    """A result sink counting the targets reported down: false loss, where every one answers."""
+
+    def __init__(self) -> None:
+        self.down = 0
+
+    def __call__(self, result: ProbeResult) -> None:
+        self.down += not result.success
+
+
 def engine_name(workers: int) -> str:
     return f"ours, {workers} workers" if workers else "ours"
 
@@ -164,13 +174,7 @@ def measure_ours(
         policy = PacingPolicy(
             rate_pps=rate_pps, max_in_flight=concurrency, per_block_pps=None, burst_s=0.005
         )
-        down = 0
-
-        def sink(result: ProbeResult) -> None:
-            nonlocal down
-            if not result.success:
-                down += 1
-
+        sink = DownCount()
         stream = (targets[i % len(targets)] for i in range(count))
         pids: list[int] = []
         if isinstance(prober, WorkerPoolProber):
@@ -190,7 +194,7 @@ def measure_ours(
         if pids:
             note = "CPU and RSS: parent + workers"
         return Measurement(
-            method, engine_name(workers), concurrency, count, seconds, cpu, rss, down, note
+            method, engine_name(workers), concurrency, count, seconds, cpu, rss, sink.down, note
         )
 
     return run_ours_in_netns(ns, run, timeout=600)
@@ -369,18 +373,13 @@ def memory_child(count: int) -> None:
         held_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         prober = IcmpBatchProber(timeout_s=2.0)
         policy = PacingPolicy(rate_pps=None, max_in_flight=65536, per_block_pps=None)
-        down = 0
-
-        def sink(result: ProbeResult) -> None:
-            nonlocal down
-            down += not result.success
-
+        sink = DownCount()
         t0 = time.perf_counter()
         await prober.probe_many(targets, Pacer(policy), sink)
         seconds = time.perf_counter() - t0
         await prober.close()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return {"count": count, "seconds": seconds, "down": down, "held_mb": held_mb,
+        return {"count": count, "seconds": seconds, "down": sink.down, "held_mb": held_mb,
                 "peak_mb": peak}  # fmt: skip
 
     print(json.dumps(eventloop.run(run())))
