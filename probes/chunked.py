@@ -76,6 +76,7 @@ class ChunkedProber:
     method its results carry."""
 
     method: ClassVar[str] = ""
+    label: ClassVar[str] = ""  # what its error messages begin with
 
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -87,7 +88,7 @@ class ChunkedProber:
         self._closed = False
 
     async def _start(self) -> None:
-        """Make the engine ready on the running loop (and bind `_room` to it)."""
+        """Make the engine ready on the running loop (see `_claim_loop`)."""
         raise NotImplementedError
 
     async def _send(
@@ -145,15 +146,26 @@ class ChunkedProber:
         self._drop_chunk(number, chunk)
         chunk.call.fail(error)
 
-    def _leave_old_loop(self) -> None:
-        """Probing starts on another event loop than before. Raises ProbeSetupError while the
-        earlier one may still run calls; one that is closed took its calls with it (their
-        tasks will not run again), so their slots come back."""
+    def _claim_loop(self) -> bool:
+        """Bind to the running event loop; True when probing starts on it (first use, or a move
+        from an earlier loop): the subclass then sets its engine up for it. Raises
+        ProbeSetupError when closed, or while the earlier loop may still run calls; one that is
+        closed took its calls with it (their tasks will not run again), so their slots come
+        back."""
+        if self._closed:
+            raise ProbeSetupError(f"{self.label}: probe_many on a closed prober")
+        loop = asyncio.get_running_loop()
         old = self._loop
-        if old is not None and not old.is_closed() and (self._calls or old.is_running()):
-            raise ProbeSetupError(f"{self.method}: the prober is in use on another event loop")
-        self._calls.clear()
-        self._drop_all_chunks()
+        if old is loop:
+            return False
+        if old is not None:
+            if not old.is_closed() and (self._calls or old.is_running()):
+                raise ProbeSetupError(f"{self.label}: the prober is in use on another event loop")
+            self._calls.clear()
+            self._drop_all_chunks()
+        self._loop = loop
+        self._room = asyncio.Event()
+        return True
 
     def _fail_calls(self, exc: BaseException) -> None:
         for call in list(self._calls):

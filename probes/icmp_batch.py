@@ -110,6 +110,20 @@ def batch_available() -> bool:
     return _LIBC is not None
 
 
+def batch_engine_for(records: Records, prober: IcmpProber) -> BatchEcho | None:
+    """The batch engine in front of `prober` where it can run (the prober's IPv4 socket is a
+    datagram one, this host has sendmmsg, its sockets open), else None: the prober does the
+    work. Opens the prober's IPv4 socket: raises ProbeSetupError, saying how to enable ICMP,
+    when no ICMP socket is permitted."""
+    prober.open(False)
+    if prober.mode["ipv4"] != "datagram" or not batch_available():
+        return None
+    try:
+        return BatchEcho(records, prober)
+    except ProbeSetupError:  # e.g. out of descriptors for its sockets
+        return None
+
+
 class _Messages:
     """Buffers for a batch of messages and the mmsghdr array that points into them."""
 
@@ -320,7 +334,7 @@ class BatchEcho:
                 before, before_wall = time.monotonic(), time.time()
                 went = self._sendmmsg(fd, out.at(sent), min(count - sent, _PER_SEND_CALL), 0)
                 if went > 0:
-                    self._stamp_sent(ring + sent, went, before, before_wall)
+                    self._stamp(slice(ring + sent, ring + sent + went), before, before_wall)
                     sent += went
                     self._handed = first + sent
                     self.stats.sent += went
@@ -337,7 +351,7 @@ class BatchEcho:
                 slot = ring + sent
                 # It went (or was refused) after the wait: the stamps stay in ring order,
                 # which the sweep's search needs.
-                self._stamp_sent(slot, 1, tried, tried + time.time() - time.monotonic())
+                self._stamp(slice(slot, slot + 1), tried, tried + time.time() - time.monotonic())
                 if error is None:
                     self.stats.sent += 1
                 else:
@@ -360,14 +374,12 @@ class BatchEcho:
         if self._sweep_handle is None:
             self._arm_sweep()
 
-    def _stamp(self, slots: slice) -> None:
-        now = time.monotonic()
-        self._sent[slots] = now
-        self._sent_wall[slots] = time.time()
-
-    def _stamp_sent(self, start: int, count: int, mono: float, wall: float) -> None:
-        self._sent[start : start + count] = mono
-        self._sent_wall[start : start + count] = wall
+    def _stamp(self, slots: slice, mono: float | None = None, wall: float | None = None) -> None:
+        """Send times of `slots`: `mono`/`wall` (time.monotonic(), time.time()), else now."""
+        if mono is None or wall is None:
+            mono, wall = time.monotonic(), time.time()
+        self._sent[slots] = mono
+        self._sent_wall[slots] = wall
 
     async def _room_for(self, count: int) -> None:
         """Wait until `count` slots are free at the ring's end (the oldest ones expire)."""
@@ -537,6 +549,7 @@ class IcmpBatchProber(ChunkedProber):
     """
 
     method: ClassVar[str] = METHOD
+    label: ClassVar[str] = "icmp"
 
     def __init__(self, prober: IcmpProber | None = None, **options: Any) -> None:
         super().__init__()
@@ -591,45 +604,28 @@ class IcmpBatchProber(ChunkedProber):
             await self._engine.close()
         if self._owns_prober:
             await self.prober.close()
-        self._close_calls(ProbeSetupError("icmp: prober closed during probe_many"))
+        self._close_calls(ProbeSetupError(f"{self.label}: prober closed during probe_many"))
 
     async def _start(self) -> None:
-        if self._closed:
-            raise ProbeSetupError("icmp: probe_many on a closed prober")
-        loop = asyncio.get_running_loop()
-        if self._loop is loop:
+        if not self._claim_loop():
             return
-        if self._loop is not None:
-            # An earlier asyncio.run() is over: the engine's readers, its chunk tasks and any
-            # results not yet handed on went with its loop.
-            self._leave_old_loop()
-            self._tasks.clear()
-            if self._engine is not None:
-                await self._engine.close()
-                self._engine = None
-            self._records.take()
-        self._loop = loop
-        self._room = asyncio.Event()
+        # First use, or an earlier asyncio.run() is over: the engine's readers, its chunk tasks
+        # and any results not yet handed on went with its loop.
+        self._tasks.clear()
+        if self._engine is not None:
+            await self._engine.close()
+            self._engine = None
+        self._records.take()
         self._engine_decided = False
-
-    def _decide_engine(self) -> None:
-        """Start the batch engine if it can run here: on the first chunk with anything but an
-        IPv6 literal in it (an IPv6-only run opens no IPv4 socket). Raises ProbeSetupError,
-        with the hint, when ICMP sockets are not permitted; where the engine cannot start (no
-        datagram sockets, no sendmmsg, out of descriptors) the IcmpProber does the work."""
-        self.prober.open(False)
-        if self.prober.mode["ipv4"] == "datagram" and batch_available():
-            try:
-                self._engine = BatchEcho(self._records, self.prober)
-            except ProbeSetupError:
-                self._engine = None
-        self._engine_decided = True
 
     async def _send(
         self, number: int, chunk: Chunk, addresses: list[str], extras: Extras, pacer: Pacer
     ) -> None:
+        # Decided on the first chunk with anything but an IPv6 literal in it: an IPv6-only run
+        # opens no IPv4 socket.
         if not self._engine_decided and any(":" not in address for address in addresses):
-            self._decide_engine()
+            self._engine = batch_engine_for(self._records, self.prober)
+            self._engine_decided = True
         chunk.taker = self._taker
         self._taker.load += chunk.left
         pairs = zip(itertools.count(number << CHUNK_BITS), addresses, strict=False)

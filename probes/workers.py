@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 from probes import eventloop
 from probes.base import Failure, ProbeResult, ProbeSetupError, Target
 from probes.chunked import CHUNK_BITS, Chunk, ChunkedProber, Extras, Taker
-from probes.icmp_batch import BatchEcho, batch_available
+from probes.icmp_batch import BatchEcho, batch_engine_for
 from probes.pacing import Blocklist, Pacer, PacingPolicy
 from probes.records import Records
 
@@ -94,6 +94,7 @@ class WorkerPoolProber(ChunkedProber):
     """
 
     method: ClassVar[str] = ""
+    label: ClassVar[str] = "worker pool"
 
     def __init__(self, workers: int = 2, **options: Any) -> None:
         if self.method not in PROBER_CLASSES:
@@ -159,18 +160,11 @@ class WorkerPoolProber(ChunkedProber):
     # -- workers --------------------------------------------------------------------------
 
     async def _start(self) -> None:
-        if self._closed:
-            raise ProbeSetupError("worker pool: probe_many on a closed prober")
-        loop = asyncio.get_running_loop()
-        if self._workers and self._loop is not loop:
-            self._leave_old_loop()
+        if self._claim_loop():  # workers started under an earlier loop cannot serve this one
             await self._discard_workers()
-        if self._workers:
-            return
-        self._loop = loop
-        self._room = asyncio.Event()  # bound to this loop on first use
-        for _ in range(self.workers):
-            self._workers.append(await self._spawn())
+        if not self._workers:
+            for _ in range(self.workers):
+                self._workers.append(await self._spawn())
 
     async def _spawn(self) -> _Worker:
         ours, theirs = socket.socketpair()
@@ -199,12 +193,12 @@ class WorkerPoolProber(ChunkedProber):
         return worker
 
     async def _discard_workers(self) -> None:
-        """Workers started under an event loop that is gone: end them, start fresh ones."""
+        """Workers started under an event loop that is gone (`_claim_loop` gave their chunks'
+        slots back): end them, start fresh ones."""
         for worker in self._workers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(worker.process.pid, signal.SIGKILL)
         self._workers = []
-        self._drop_all_chunks()
 
     # -- sending --------------------------------------------------------------------------
 
@@ -295,11 +289,11 @@ async def _serve(sock: socket.socket) -> None:
         prober = _prober_class(method)(**options)
         info: dict[str, Any] = {"pid": os.getpid()}
         if method == "icmp":
-            prober.open(False)  # fail now, with the hint, if ICMP sockets are not permitted
+            # Fails now, with the hint, if ICMP sockets are not permitted. IPv4 literals go in
+            # batches where the engine can run; names and IPv6 still go to the prober.
+            batch = batch_engine_for(records, prober)
             info |= {"echo_id": prober.echo_id(False), "mode": prober.mode["ipv4"]}
-            if prober.mode["ipv4"] == "datagram" and batch_available():
-                # IPv4 literals in batches; names and IPv6 still go to the prober.
-                batch = BatchEcho(records, prober)
+            if batch is not None:
                 info["batch_echo_ids"] = batch.echo_ids
     except Exception as exc:
         writer.write(_frame(("failed", str(exc))))
